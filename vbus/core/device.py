@@ -1,0 +1,168 @@
+"""What a deviceclass implements: typed attributes, a device model, and its sessions.
+
+A deviceclass is a ``DeviceModel`` subclass registered under the entry-point
+group ``vbus.deviceclasses``.  The core instantiates it once per device; each
+north connection that opens the device gets a ``Session`` from ``open()``.
+A session sees ``Queue`` objects (DESIGN.md 3.5) and nothing of connectors.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from vbus.errors import Invalid, NotSupported
+
+if TYPE_CHECKING:
+    from vbus.core.model import Connection, Device
+
+    from vbus.queue import Queue
+
+__all__ = ["Attribute", "DeviceModel", "Session"]
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    """One typed, validated attribute of a deviceclass.
+
+    ``kind`` is one of ``str``, ``int``, ``bool``, ``choice``, ``mac``.
+    ``parse`` turns the text an administrator wrote into a value (or raises
+    ``Invalid`` with a message saying why); ``format`` turns it back.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    doc: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+    max_length: int = 256
+    readonly: bool = False
+
+    def parse(self, text: str | int | bool) -> Any:
+        if isinstance(text, (bool, int)):
+            text = str(int(text)) if self.kind != "bool" else ("1" if text else "0")
+        value = text.strip()
+        if self.kind == "str":
+            if len(value.encode()) > self.max_length or "\0" in value:
+                raise Invalid(f"{self.name}: at most {self.max_length} bytes, no NUL")
+            return value
+        if self.kind == "int":
+            try:
+                number = int(value, 0)
+            except ValueError:
+                raise Invalid(f"{self.name}: {value!r} is not an integer") from None
+            if self.minimum is not None and number < self.minimum:
+                raise Invalid(f"{self.name}: {number} is below the minimum {self.minimum}")
+            if self.maximum is not None and number > self.maximum:
+                raise Invalid(f"{self.name}: {number} is above the maximum {self.maximum}")
+            return number
+        if self.kind == "bool":
+            lowered = value.lower()
+            if lowered in ("1", "y", "yes", "true", "on"):
+                return True
+            if lowered in ("0", "n", "no", "false", "off"):
+                return False
+            raise Invalid(f"{self.name}: {value!r} is not a boolean (0/1)")
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise Invalid(f"{self.name}: {value!r} is not one of {', '.join(self.choices)}")
+            return value
+        if self.kind == "mac":
+            lowered = value.lower()
+            if not _MAC.match(lowered):
+                raise Invalid(f"{self.name}: {value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+            if int(lowered[:2], 16) & 1:
+                raise Invalid(f"{self.name}: {value!r} is a multicast address")
+            return lowered
+        raise Invalid(f"{self.name}: unknown attribute kind {self.kind!r}")
+
+    def format(self, value: Any) -> str:
+        if self.kind == "bool":
+            return "1" if value else "0"
+        return str(value)
+
+
+class Session:
+    """One north connection's open handle on a device, seen from the device.
+
+    The connector calls ``shm()`` when the north registers a queue, then drives
+    ``poll()``/``rearm()`` from a NAPI-style poller (``vbus.mitigation``) when
+    any of the session's queues is signalled.  ``Fault`` raised from ``poll``
+    or ``shm`` faults this connection only.
+    """
+
+    def __init__(self, model: DeviceModel, conn: Connection) -> None:
+        self.model = model
+        self.conn = conn
+        self.queues: dict[int, Queue] = {}
+
+    # --- the two verbs ---------------------------------------------------
+    def call(self, func: int, data: bytes) -> bytes | Awaitable[bytes]:
+        """Synchronous request/reply.  May return an awaitable for slow work."""
+        raise NotSupported(f"{self.model.device.deviceclass}: no call function {func}")
+
+    def shm(self, index: int, queue: Queue) -> None:
+        """The north registered ``queue`` as queue ``index``; validate and keep it."""
+        raise NotSupported(f"{self.model.device.deviceclass}: no shared-memory queues")
+
+    # --- polling (called by vbus.mitigation) -----------------------------
+    def poll(self, budget: int) -> int:
+        """Do up to ``budget`` units of work; return how many were done."""
+        return 0
+
+    def rearm(self) -> bool:
+        """Re-enable notifications on what this session waits for, fenced; True
+        if it can already make progress (poll again instead of sleeping)."""
+        pending = False
+        for queue in self.queues.values():
+            if queue.enable_notify():
+                pending = True
+        return pending
+
+    def quiesce(self) -> None:
+        """Disable notifications while a poll is scheduled."""
+        for queue in self.queues.values():
+            queue.disable_notify()
+
+    def close(self) -> None:
+        """The connection is going away; drop references to its queues."""
+        self.queues.clear()
+
+
+class DeviceModel(ABC):
+    """Base of every deviceclass.  Subclasses set the class variables."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    attributes: ClassVar[tuple[Attribute, ...]] = ()
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    @abstractmethod
+    def open(self, conn: Connection) -> Session:
+        """A north context opened this device: return its session."""
+
+    def attribute_changed(self, name: str, value: Any) -> None:  # noqa: B027 - optional hook
+        """Called after an attribute was validated and stored."""
+
+    def stats(self) -> dict[str, int]:
+        """Live counters, shown in the admin tree's ``stats`` file."""
+        return {}
+
+    def destroy(self) -> None:  # noqa: B027 - optional hook
+        """The device is being destroyed; no session is open any more."""
+
+    @classmethod
+    def attribute(cls, name: str) -> Attribute:
+        for attr in cls.attributes:
+            if attr.name == name:
+                return attr
+        raise Invalid(f"{cls.name} has no attribute {name!r}")

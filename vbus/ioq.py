@@ -1,0 +1,437 @@
+"""ioq (DESIGN.md 3.3): vbus's descriptor ring in shared memory, both ends.
+
+Layout, little-endian, at a 64-byte aligned offset in the north's memory::
+
+    offset   0: u32 magic 0x56424951 ("VBIQ"), u32 ver 1, u32 count, u32 flags,
+                shm_signal (16 bytes), pad to 64          written by both sides
+    offset  64: u32 valid; pad to 64                      north only
+    offset 128: u32 inuse; pad to 64                      south only
+    offset 192: desc[count] { u64 cookie; u64 ptr; u64 len; u8 valid; u8 sown; u8 pad[6]; }
+
+``valid`` and ``inuse`` are free-running u32 counters (slot = index & (count-1)).
+The north fills descriptors, sets ``valid``/``sown`` and advances ``valid``;
+the south takes them in order, writes ``len`` back on queues it fills, clears
+``sown`` and advances ``inuse``.  Indexes are read and written as single
+aligned native 32-bit accesses through ``memoryview.cast('I')``; x86 keeps
+stores in order, so descriptor stores before an index store are seen first.
+
+The south (``IoqSouth``) trusts nothing: it copies each range of descriptors
+out once and validates the copy (ownership, ``ptr``/``len`` against its
+``Memory``, index distance), so a north that rewrites shared memory under it
+can only hurt itself.  Any violation is a ``Fault`` of that north context.
+Validation is done per batch with slice comparisons that run in C
+(DESIGN.md 3.7); a per-descriptor pass only runs to name the culprit.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from operator import add
+
+from vbus.errors import Fault, Invalid, TooBig
+from vbus.memory import BufferMemory, SharedBuffer
+from vbus.queue import Buffer, QueueStats
+from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, EventfdTransport, ShmSignal
+
+__all__ = [
+    "DESC_SIZE",
+    "HEADER_SIZE",
+    "MAX_COUNT",
+    "IoqNorth",
+    "IoqSouth",
+    "format_ring",
+    "pool_layout",
+    "ring_bytes",
+]
+
+MAGIC = 0x56424951
+VERSION = 1
+MAX_COUNT = 65536
+HEADER_SIZE = 192
+DESC_SIZE = 32
+SIGNAL_OFFSET = 16
+_VALID = 64 // 4  # word index of ``valid`` in the header's u32 view
+_INUSE = 128 // 4
+_LEN = 2  # u64 index of ``len`` inside a descriptor
+_PTR = 1
+_FLAG_VALID, _FLAG_SOWN = 24, 25
+_M32 = 0xFFFFFFFF
+_HEAD = struct.Struct("<IIII")
+_DESC = struct.Struct("<QQQBB6x")
+_ONES = b"\x01" * MAX_COUNT
+_ZEROS = bytes(MAX_COUNT)
+DEFAULT_MAX_LEN = 256 * 1024
+
+
+def ring_bytes(count: int) -> int:
+    return HEADER_SIZE + DESC_SIZE * count
+
+
+def _check_count(count: int) -> None:
+    if not 1 <= count <= MAX_COUNT or count & (count - 1):
+        raise Invalid(f"ring size {count} is not a power of two in 1..{MAX_COUNT}")
+
+
+def pool_layout(count: int, buf_size: int) -> tuple[int, int]:
+    """(data_offset, total_size) of a ring at 0 followed by ``count`` buffers."""
+    _check_count(count)
+    data = (ring_bytes(count) + 63) & ~63
+    total = data + count * buf_size
+    return data, (total + 4095) & ~4095
+
+
+def format_ring(buf: SharedBuffer, offset: int, count: int) -> None:
+    """North: write a fresh, empty ring (both sides' signals enabled)."""
+    _check_count(count)
+    if offset % 64:
+        raise Invalid("ring offset must be 64-byte aligned")
+    buf[offset : offset + ring_bytes(count)] = bytes(ring_bytes(count))
+    _HEAD.pack_into(buf, offset, MAGIC, VERSION, count, 0)
+    ShmSignal.format(buf, offset + SIGNAL_OFFSET)
+
+
+def _stride_store(
+    buf: SharedBuffer, base: int, mask: int, first: int, n: int, field: int, fill: bytes
+) -> None:
+    """Store one byte (``fill``'s) into ``field`` of ``n`` descriptors from ``first``, wrapping."""
+    start = first & mask
+    end = start + n
+    if end <= mask + 1:
+        buf[base + start * DESC_SIZE + field : base + end * DESC_SIZE : DESC_SIZE] = fill[:n]
+    else:
+        head = mask + 1 - start
+        buf[base + start * DESC_SIZE + field : base + (mask + 1) * DESC_SIZE : DESC_SIZE] = fill[
+            :head
+        ]
+        buf[base + field : base + (n - head) * DESC_SIZE : DESC_SIZE] = fill[: n - head]
+
+
+class IoqSouth:
+    """The south end of one ring: implements ``vbus.queue.Queue``.
+
+    ``writable`` says which way data flows: False for a north->south queue (the
+    south reads the buffers), True for south->north (the south fills them).
+    """
+
+    def __init__(
+        self,
+        memory: BufferMemory,
+        offset: int,
+        count: int,
+        transport: EventfdTransport | None,
+        *,
+        writable: bool,
+        max_len: int = DEFAULT_MAX_LEN,
+    ) -> None:
+        _check_count(count)
+        if offset % 64:
+            raise Invalid("ring offset must be 64-byte aligned")
+        try:
+            memory.check(offset, ring_bytes(count))
+        except Fault:
+            raise Fault(
+                f"ioq: a ring of {count} descriptors at {offset:#x} does not fit the memory"
+            ) from None
+        magic, version, ring_count, _flags = _HEAD.unpack_from(memory.read(offset, 16))
+        if magic != MAGIC:
+            raise Fault(f"ioq: bad magic {magic:#010x}")
+        if version != VERSION:
+            raise Fault(f"ioq: unsupported version {version}")
+        if ring_count != count:
+            raise Fault(f"ioq: ring says {ring_count} descriptors, {count} registered")
+        ShmSignal.validate(memory.read(offset + SIGNAL_OFFSET, SIGNAL_SIZE), 0)
+
+        self.memory = memory
+        self.writable = writable
+        self.stats = QueueStats()
+        self.max_len = max_len
+        self.signal = ShmSignal(memory.buf, offset + SIGNAL_OFFSET, SOUTH, transport)
+        self._buf = memory.buf
+        self._size = memory.size
+        self._count = count
+        self._mask = count - 1
+        self._base = offset + HEADER_SIZE
+        self._idx = memory.cast(offset, HEADER_SIZE, "I")
+        self._dq = memory.cast(self._base, DESC_SIZE * count, "Q")
+        # After a restart the south resumes from inuse (DESIGN.md 7).
+        self._inuse = self._idx[_INUSE]
+        self._cursor = self._inuse
+        self.pending()
+
+    # --- reading the north's progress ---------------------------------------
+    def pending(self) -> int:
+        valid = self._idx[_VALID]
+        n = (valid - self._cursor) & _M32
+        if n > self._count:
+            raise Fault(
+                f"ioq: north index {valid} is {n} descriptors ahead of the south's "
+                f"{self._cursor} in a ring of {self._count}"
+            )
+        return n
+
+    def _snapshot(self, first: int, n: int) -> bytes:
+        """Copy descriptors [first, first+n) out of shared memory, once."""
+        start = first & self._mask
+        end = start + n
+        base = self._base
+        if end <= self._count:
+            return self._buf[base + start * DESC_SIZE : base + end * DESC_SIZE]  # type: ignore[return-value]
+        return bytes(self._buf[base + start * DESC_SIZE : base + self._count * DESC_SIZE]) + bytes(
+            self._buf[base : base + (end - self._count) * DESC_SIZE]
+        )
+
+    def _validate(self, raw: bytes, first: int, n: int) -> tuple[list[int], list[int]]:
+        """Ownership and bounds of a snapshot, batch first; returns (ptrs, lens)."""
+        words = memoryview(raw).cast("Q")
+        ptrs = words[_PTR::4].tolist()
+        lens = words[_LEN::4].tolist()
+        words.release()
+        if (
+            raw[_FLAG_VALID::DESC_SIZE] != _ONES[:n]
+            or raw[_FLAG_SOWN::DESC_SIZE] != _ONES[:n]
+            or max(lens) > self.max_len
+            or max(map(add, ptrs, lens)) > self._size
+        ):
+            self._find_culprit(raw, first, n)
+        return ptrs, lens
+
+    def _find_culprit(self, raw: bytes, first: int, n: int) -> None:
+        for i in range(n):
+            _cookie, ptr, length, valid, sown = _DESC.unpack_from(raw, i * DESC_SIZE)
+            where = f"ioq: descriptor {(first + i) & _M32}"
+            if valid != 1:
+                raise Fault(f"{where} is not valid ({valid})")
+            if sown != 1:
+                raise Fault(f"{where} is not owned by the south ({sown})")
+            if length > self.max_len:
+                raise Fault(f"{where}: length {length} exceeds the queue's {self.max_len}")
+            if ptr + length > self._size:
+                raise Fault(f"{where}: [{ptr:#x}, +{length:#x}) lies outside the client's memory")
+        raise AssertionError("batch validation failed but no descriptor is bad")
+
+    def _release(self, first: int, n: int) -> None:
+        """Hand descriptors [first, first+n) back and publish ``inuse`` once."""
+        _stride_store(self._buf, self._base, self._mask, first, n, _FLAG_SOWN, _ZEROS)
+        self._inuse = (first + n) & _M32
+        # Descriptor stores above are ordered before this index store (x86 TSO).
+        self._idx[_INUSE] = self._inuse
+        self.stats.messages += n
+
+    # --- batch fast paths ----------------------------------------------------
+    def read_many(self, budget: int) -> list[bytes]:
+        if self._cursor != self._inuse:
+            raise Invalid("read_many with buffers popped and not pushed back")
+        n = min(self.pending(), budget)
+        if n == 0:
+            return []
+        first = self._cursor
+        ptrs, lens = self._validate(self._snapshot(first, n), first, n)
+        buf = self._buf
+        out: list[bytes] = [buf[p : p + ln] for p, ln in zip(ptrs, lens, strict=True)]  # type: ignore[misc]
+        self._cursor = (first + n) & _M32
+        self._release(first, n)
+        self.stats.bytes += sum(lens)
+        return out
+
+    def write_many(self, payloads: Sequence[bytes]) -> int:
+        if not self.writable:
+            raise Invalid("write_many on a queue the north fills")
+        if self._cursor != self._inuse:
+            raise Invalid("write_many with buffers popped and not pushed back")
+        want = len(payloads)
+        n = min(self.pending(), want)
+        if n < want:
+            self.stats.stalls += 1
+        if n == 0:
+            return 0
+        first = self._cursor
+        ptrs, caps = self._validate(self._snapshot(first, n), first, n)
+        buf = self._buf
+        dq = self._dq
+        mask = self._mask
+        total = 0
+        for i in range(n):
+            data = payloads[i]
+            length = len(data)
+            if length > caps[i]:
+                length = caps[i]
+                data = data[:length]
+            ptr = ptrs[i]
+            buf[ptr : ptr + length] = data
+            dq[((first + i) & mask) * 4 + _LEN] = length
+            total += length
+        self._cursor = (first + n) & _M32
+        self._release(first, n)
+        self.stats.bytes += total
+        return n
+
+    # --- general path: one Buffer at a time -----------------------------------
+    def pop_many(self, budget: int) -> list[Buffer]:
+        n = min(self.pending(), budget)
+        if n == 0:
+            return []
+        first = self._cursor
+        raw = self._snapshot(first, n)
+        ptrs, lens = self._validate(raw, first, n)
+        cookies = memoryview(raw).cast("Q")[0::4].tolist()
+        writable = self.writable
+        self._cursor = (first + n) & _M32
+        return [
+            Buffer((first + i) & _M32, cookies[i], ((ptrs[i], lens[i], writable),))
+            for i in range(n)
+        ]
+
+    def pop(self) -> Buffer | None:
+        bufs = self.pop_many(1)
+        return bufs[0] if bufs else None
+
+    def push_many(self, items: Sequence[tuple[Buffer, int]]) -> None:
+        first = self._inuse
+        for i, (buf, written) in enumerate(items):
+            if buf.index != (first + i) & _M32 or buf.index == self._cursor:
+                raise Invalid(f"buffer {buf.index} handed back out of order")
+            if written:
+                if not self.writable or written > buf.length:
+                    raise Invalid(f"cannot report {written} bytes written into buffer {buf.index}")
+                self._dq[(buf.index & self._mask) * 4 + _LEN] = written
+                self.stats.bytes += written
+        if items:
+            self._release(first, len(items))
+
+    def push(self, buf: Buffer, written: int = 0) -> None:
+        self.push_many(((buf, written),))
+
+    # --- notification --------------------------------------------------------
+    def kick_north(self) -> bool:
+        if self.signal.notify():
+            self.stats.signals_sent += 1
+            return True
+        self.stats.signals_suppressed += 1
+        return False
+
+    def disable_notify(self) -> None:
+        self.signal.disarm()
+
+    def enable_notify(self) -> bool:
+        self.signal.arm()
+        return self.pending() > 0
+
+    def close(self) -> None:
+        self._idx.release()
+        self._dq.release()
+
+
+class IoqNorth:
+    """The north end of one ring with a fixed pool: descriptor slot j always
+    points at buffer j (``data_offset + j * buf_size``), the layout the south's
+    batch checks are fastest on.  Used by the client library.
+    """
+
+    def __init__(
+        self,
+        buf: SharedBuffer,
+        offset: int,
+        count: int,
+        data_offset: int,
+        buf_size: int,
+        transport: EventfdTransport | None,
+    ) -> None:
+        format_ring(buf, offset, count)
+        if data_offset + count * buf_size > len(buf):
+            raise Invalid("buffer pool does not fit the memory")
+        self.count = count
+        self.buf_size = buf_size
+        self.signal = ShmSignal(buf, offset + SIGNAL_OFFSET, NORTH, transport)
+        self._buf = buf
+        self._mask = count - 1
+        self._base = offset + HEADER_SIZE
+        self._data = data_offset
+        self._idx = memoryview(buf)[offset : offset + HEADER_SIZE].cast("I")
+        self._dq = memoryview(buf)[self._base : self._base + DESC_SIZE * count].cast("Q")
+        for slot in range(count):
+            self._dq[slot * 4 + _PTR] = data_offset + slot * buf_size
+        self.valid = 0
+        self.reaped = 0
+
+    def completed(self) -> int:
+        """Descriptors the south has handed back and we have not reaped."""
+        inuse = self._idx[_INUSE]
+        n = (inuse - self.reaped) & _M32
+        if n > ((self.valid - self.reaped) & _M32):
+            raise Fault(f"ioq: south index {inuse} is beyond what was posted")
+        return n
+
+    def space(self) -> int:
+        """Slots free for posting once completions are reaped."""
+        return self.count - ((self.valid - self._idx[_INUSE]) & _M32)
+
+    def outstanding(self) -> int:
+        return (self.valid - self.reaped) & _M32
+
+    def _publish(self, n: int) -> None:
+        _stride_store(self._buf, self._base, self._mask, self.valid, n, _FLAG_VALID, _ONES)
+        _stride_store(self._buf, self._base, self._mask, self.valid, n, _FLAG_SOWN, _ONES)
+        self.valid = (self.valid + n) & _M32
+        self._idx[_VALID] = self.valid  # after the descriptor stores (x86 TSO)
+
+    def send_many(self, payloads: Sequence[bytes]) -> int:
+        """Post filled buffers (north->south queue); returns how many fitted."""
+        self.reaped = self._idx[_INUSE]  # transmit completions only free slots
+        n = min(len(payloads), self.count - ((self.valid - self.reaped) & _M32))
+        buf = self._buf
+        dq = self._dq
+        mask = self._mask
+        size = self.buf_size
+        data = self._data
+        valid = self.valid
+        for i in range(n):
+            payload = payloads[i]
+            length = len(payload)
+            if length > size:
+                raise TooBig(f"message of {length} bytes exceeds the {size}-byte buffers")
+            slot = (valid + i) & mask
+            addr = data + slot * size
+            buf[addr : addr + length] = payload
+            dq[slot * 4 + _LEN] = length
+        if n:
+            self._publish(n)
+        return n
+
+    def post_empty(self, n: int) -> None:
+        """Post ``n`` empty buffers for the south to fill (south->north queue)."""
+        n = min(n, self.count - self.outstanding())
+        dq = self._dq
+        mask = self._mask
+        size = self.buf_size
+        for i in range(n):
+            dq[((self.valid + i) & mask) * 4 + _LEN] = size
+        if n:
+            self._publish(n)
+
+    def recv_many(self, limit: int) -> list[bytes]:
+        """Reap filled buffers (south->north queue) and post them again."""
+        n = min(self.completed(), limit)
+        if n == 0:
+            return []
+        buf = self._buf
+        dq = self._dq
+        mask = self._mask
+        size = self.buf_size
+        data = self._data
+        out: list[bytes] = []
+        first = self.reaped
+        for i in range(n):
+            slot = (first + i) & mask
+            length = dq[slot * 4 + _LEN]
+            if length > size:
+                raise Fault(f"ioq: south returned {length} bytes in a {size}-byte buffer")
+            addr = data + slot * size
+            out.append(buf[addr : addr + length])  # type: ignore[arg-type]
+        self.reaped = (first + n) & _M32
+        self.post_empty(n)
+        return out
+
+    def close(self) -> None:
+        self._idx.release()
+        self._dq.release()
