@@ -86,6 +86,10 @@ def format_ring(buf: SharedBuffer, offset: int, count: int) -> None:
     _check_count(count)
     if offset % 64:
         raise Invalid("ring offset must be 64-byte aligned")
+    # Check the fit first: slice assignment past the end of a bytearray grows it
+    # (and a negative offset indexes from the end) instead of failing.
+    if offset < 0 or offset + ring_bytes(count) > len(buf):
+        raise Invalid(f"a ring of {count} descriptors at {offset:#x} does not fit the memory")
     buf[offset : offset + ring_bytes(count)] = bytes(ring_bytes(count))
     _HEAD.pack_into(buf, offset, MAGIC, VERSION, count, 0)
     ShmSignal.format(buf, offset + SIGNAL_OFFSET)

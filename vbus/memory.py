@@ -76,8 +76,11 @@ class BufferMemory:
         return bytes(self.buf[addr : addr + length])
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        self.check(addr, len(data))
-        self.buf[addr : addr + len(data)] = data
+        # Size in bytes: len() of a cast memoryview ('I', 'Q') counts items, which
+        # let an oversized write pass the check (and grow a bytearray past its end).
+        length = data.nbytes if isinstance(data, memoryview) else len(data)
+        self.check(addr, length)
+        self.buf[addr : addr + length] = data
 
     def view(self, addr: int, length: int) -> memoryview:
         """A live view: the north may change it at any time (snapshot before trusting)."""
@@ -128,7 +131,9 @@ class MemfdRegion(BufferMemory):
             raise Invalid("file descriptor is not a memfd (it cannot be sealed)") from None
         if seals & REQUIRED_SEALS != REQUIRED_SEALS:
             raise Invalid("memfd is not sealed: F_SEAL_SHRINK and F_SEAL_GROW are required")
-        size = st.st_size
+        # Read the size only now that the seals fix it: the client keeps its own
+        # fd and may have resized the file between the first fstat and sealing.
+        size = os.fstat(fd).st_size
         if size <= 0:
             raise Invalid("memfd is empty")
         if size > max_size:

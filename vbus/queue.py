@@ -54,9 +54,13 @@ class QueueStats:
 class Queue(Protocol):
     """What a device model codes against.  Single consumer: the south owns it."""
 
-    memory: Memory
     stats: QueueStats
     writable: bool  # south->north queue: the south fills the buffers
+
+    @property
+    def memory(self) -> Memory:
+        """The north memory the buffers point into (bounds-checked access)."""
+        ...
 
     def pending(self) -> int:
         """Buffers the north has made available and the south has not taken."""

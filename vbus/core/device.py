@@ -18,7 +18,6 @@ from vbus.errors import Invalid, NotSupported
 
 if TYPE_CHECKING:
     from vbus.core.model import Connection, Device
-
     from vbus.queue import Queue
 
 __all__ = ["Attribute", "DeviceModel", "Session"]
@@ -46,15 +45,27 @@ class Attribute:
     readonly: bool = False
 
     def parse(self, text: str | int | bool) -> Any:
-        if isinstance(text, (bool, int)):
-            text = str(int(text)) if self.kind != "bool" else ("1" if text else "0")
+        # Config files hand over ints and bools; only 0/1 (or a real bool) is a
+        # boolean, so ``flag = 5`` is rejected instead of silently meaning true.
+        if isinstance(text, bool):
+            text = "1" if text else "0"
+        elif isinstance(text, int):
+            text = str(text)
+        elif not isinstance(text, str):
+            raise Invalid(f"{self.name}: expected text, got {type(text).__name__}")
         value = text.strip()
         if self.kind == "str":
-            if len(value.encode()) > self.max_length or "\0" in value:
+            try:
+                size = len(value.encode())
+            except UnicodeEncodeError:  # lone surrogates (surrogateescape'd bytes)
+                raise Invalid(f"{self.name}: not valid UTF-8") from None
+            if size > self.max_length or "\0" in value:
                 raise Invalid(f"{self.name}: at most {self.max_length} bytes, no NUL")
             return value
         if self.kind == "int":
             try:
+                if not value.isascii():  # int() would also take other scripts' digits
+                    raise ValueError(value)
                 number = int(value, 0)
             except ValueError:
                 raise Invalid(f"{self.name}: {value!r} is not an integer") from None
@@ -76,7 +87,7 @@ class Attribute:
             return value
         if self.kind == "mac":
             lowered = value.lower()
-            if not _MAC.match(lowered):
+            if not _MAC.fullmatch(lowered):
                 raise Invalid(f"{self.name}: {value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
             if int(lowered[:2], 16) & 1:
                 raise Invalid(f"{self.name}: {value!r} is a multicast address")

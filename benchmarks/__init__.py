@@ -1,0 +1,1 @@
+"""Benchmarks and hardware litmus tests (runnable scripts, importable from tests)."""

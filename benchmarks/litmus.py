@@ -1,0 +1,246 @@
+"""Store-buffer litmus test of ``vbus.signal.fence`` across two processes.
+
+The shm_signal handshake (DESIGN.md 3.2) is two copies of the store-buffer
+pattern: each side stores its own flag or index, then loads the other's::
+
+    process A: X = 1; [fence]; r1 = Y        process B: Y = 1; [fence]; r2 = X
+
+Without a full fence x86 may let each load pass the earlier store, and both
+processes read 0 (``r1 == r2 == 0``): a lost wake-up.  With ``fence`` that
+outcome must never appear.  This script runs the pattern over a shared
+anonymous mapping between two forked processes pinned to different CPUs and
+counts the four outcomes.
+
+Layout of the mapping (every array starts on its own page)::
+
+    page 0:  u64 progress[A] at 0, u64 progress[B] at 128 (separate cache lines)
+    X[n], Y[n]:   u8 cells, fresh ones per iteration (no reset between iterations);
+                  X[i] and Y[i] are n bytes apart, so never in one cache line
+    R1[n], R2[n]: u8 observations of A (r1 = Y[i]) and B (r2 = X[i])
+
+Each process announces the iteration it is at in its progress counter and
+spins until the other has reached it too, so the two stay in lock step.
+
+    python -m benchmarks.litmus --mode both --iterations 3000000 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vbus.signal import fence as vbus_fence
+
+__all__ = ["LitmusResult", "main", "run_litmus", "usable_cpus"]
+
+DEFAULT_ITERATIONS = 3_000_000
+_PAGE = mmap.PAGESIZE
+_PROGRESS_A, _PROGRESS_B = 0, 128 // 8  # u64 indexes into the header page
+
+
+@dataclass(frozen=True, slots=True)
+class LitmusResult:
+    """Outcome counts of one run; ``outcomes[(r1, r2)]``."""
+
+    mode: str
+    iterations: int
+    outcomes: dict[tuple[int, int], int]
+    seconds: float
+    pinned: tuple[int, ...]
+
+    @property
+    def reordered(self) -> int:
+        """Iterations where both loads passed both stores (r1 == r2 == 0)."""
+        return self.outcomes[(0, 0)]
+
+    @property
+    def rate(self) -> float:
+        return self.iterations / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "iterations": self.iterations,
+            "r1r2_00": self.outcomes[(0, 0)],
+            "r1r2_01": self.outcomes[(0, 1)],
+            "r1r2_10": self.outcomes[(1, 0)],
+            "r1r2_11": self.outcomes[(1, 1)],
+            "seconds": round(self.seconds, 3),
+            "iterations_per_s": round(self.rate),
+            "pinned_cpus": list(self.pinned),
+        }
+
+
+def usable_cpus() -> list[int]:
+    """CPUs this process may run on."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def _spin_store_load(
+    mine: memoryview,
+    theirs: memoryview,
+    seen: memoryview,
+    my_progress: memoryview,
+    their_progress: memoryview,
+    n: int,
+    fence: Callable[[], None] | None,
+) -> None:
+    """One side of the litmus test: ``mine[i] = 1; [fence()]; seen[i] = theirs[i]``.
+
+    Two loops instead of one with a branch, everything in locals: the loop
+    body is what limits the iteration rate.
+    """
+    if fence is None:
+        for i in range(n):
+            my_progress[0] = i
+            while their_progress[0] < i:
+                pass
+            mine[i] = 1
+            seen[i] = theirs[i]
+    else:
+        for i in range(n):
+            my_progress[0] = i
+            while their_progress[0] < i:
+                pass
+            mine[i] = 1
+            fence()
+            seen[i] = theirs[i]
+
+
+def _child(cpu: int | None, body: Callable[[], None]) -> None:
+    """Run ``body`` in a forked child and never return into the parent's code."""
+    code = 1
+    try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        body()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _reap(pids: list[int], deadline: float) -> None:
+    """Wait for both children; if one fails or time runs out, kill the other."""
+    failed: list[str] = []
+    live = list(pids)
+    while live:
+        for pid in list(live):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                live.remove(pid)
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    failed.append(f"litmus child {pid} exited with {code}")
+        if live and (failed or time.monotonic() > deadline):
+            if not failed:
+                failed.append("litmus run timed out")
+            for pid in live:
+                os.kill(pid, signal.SIGKILL)
+            for pid in live:
+                os.waitpid(pid, 0)
+            live.clear()
+        elif live:
+            time.sleep(0.005)
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
+def _count_outcomes(r1: bytes, r2: bytes) -> dict[tuple[int, int], int]:
+    """Count (r1, r2) pairs: code each pair as r1 + 2 * r2 in one byte, in C."""
+    n = len(r1)
+    doubled = r2.translate(bytes((2 * b) & 0xFF for b in range(256)))
+    # Bytes are 0..3, so adding the two as little-endian integers never carries.
+    coded = (int.from_bytes(r1, "little") + int.from_bytes(doubled, "little")).to_bytes(
+        n, "little"
+    )
+    outcomes = {(r1v, r2v): coded.count(r1v + 2 * r2v) for r2v in (0, 1) for r1v in (0, 1)}
+    stray = n - sum(outcomes.values())
+    if stray or r1.translate(None, b"\x00\x01") or r2.translate(None, b"\x00\x01"):
+        raise RuntimeError(f"litmus harness broken: {stray} observations are not 0 or 1")
+    return outcomes
+
+
+def run_litmus(iterations: int, *, fence: bool, timeout: float = 600.0) -> LitmusResult:
+    """Run the store-buffer litmus test ``iterations`` times in two forked processes."""
+    if iterations <= 0:
+        raise ValueError("iterations must be positive")
+    n = iterations
+    span = (n + _PAGE - 1) // _PAGE * _PAGE
+    x_at, y_at, r1_at, r2_at = (_PAGE + k * span for k in range(4))
+    mapping = mmap.mmap(-1, _PAGE + 4 * span, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    cpus = usable_cpus()
+    pinned: tuple[int, ...] = (cpus[0], cpus[1]) if len(cpus) >= 2 else ()
+    fence_fn = vbus_fence if fence else None
+    mv = memoryview(mapping)
+    try:
+        # Aligned native u64 progress counters: one load or store each (not struct).
+        progress = mv[:_PAGE].cast("Q")
+        prog_a = progress[_PROGRESS_A : _PROGRESS_A + 1]
+        prog_b = progress[_PROGRESS_B : _PROGRESS_B + 1]
+        x = mv[x_at : x_at + n]
+        y = mv[y_at : y_at + n]
+        r1 = mv[r1_at : r1_at + n]
+        r2 = mv[r2_at : r2_at + n]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        start = time.perf_counter()
+        pids: list[int] = []
+        try:
+            for side in (0, 1):
+                pid = os.fork()
+                if pid == 0:
+                    cpu = pinned[side] if pinned else None
+                    if side == 0:
+                        _child(cpu, lambda: _spin_store_load(x, y, r1, prog_a, prog_b, n, fence_fn))
+                    else:
+                        _child(cpu, lambda: _spin_store_load(y, x, r2, prog_b, prog_a, n, fence_fn))
+                pids.append(pid)
+        finally:
+            _reap(pids, time.monotonic() + timeout)
+        seconds = time.perf_counter() - start
+        outcomes = _count_outcomes(bytes(r1), bytes(r2))
+        for view in (x, y, r1, r2, prog_a, prog_b, progress):
+            view.release()
+    finally:
+        mv.release()
+        mapping.close()
+    return LitmusResult("fence" if fence else "nofence", n, outcomes, seconds, pinned)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
+    parser.add_argument("--mode", choices=("fence", "nofence", "both"), default="both")
+    parser.add_argument("--json", action="store_true", help="emit one JSON object")
+    args = parser.parse_args(argv)
+    if args.iterations <= 0:
+        parser.error("--iterations must be positive")
+    if len(usable_cpus()) < 2:
+        print("warning: fewer than 2 CPUs, the processes cannot run in parallel", file=sys.stderr)
+    modes = ("fence", "nofence") if args.mode == "both" else (args.mode,)
+    results = [run_litmus(args.iterations, fence=mode == "fence") for mode in modes]
+    if args.json:
+        print(json.dumps({"results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        for r in results:
+            o = r.outcomes
+            print(
+                f"{r.mode:8} iterations={r.iterations} r1==r2==0: {o[(0, 0)]}  "
+                f"(0,1): {o[(0, 1)]}  (1,0): {o[(1, 0)]}  (1,1): {o[(1, 1)]}  "
+                f"{r.seconds:.2f} s, {r.rate:,.0f} iterations/s, cpus {list(r.pinned)}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Shared test plumbing: the event loop under test, loop-error guard, a real vbusd.
+
+``VBUS_TEST_LOOP`` (uvloop, the default, or asyncio) picks the loop for async
+tests and for the daemons that integration tests start; ``make test`` runs the
+suite once per loop.  Any exception that reaches a loop's exception handler
+during an async test fails that test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+TEST_LOOP = os.environ.get("VBUS_TEST_LOOP", "uvloop")
+IN_CI = os.environ.get("CI") == "true"
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if TEST_LOOP == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("asyncio") is not None:
+            item.add_marker(pytest.mark.usefixtures("_loop_guard"))
+
+
+@pytest.fixture
+async def _loop_guard() -> Any:
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield
+    loop.set_exception_handler(None)
+    assert not errors, f"exceptions reached the event loop: {errors}"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip for a missing real part, except under CI where that is a failure."""
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"required under CI: {reason}")
+        pytest.skip(reason)
+
+
+class Daemon:
+    """A vbusd subprocess in its own run directory."""
+
+    def __init__(self, run_dir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.socket = run_dir / "vbus.sock"
+        self.log_path = run_dir.parent / f"{run_dir.name}.log"
+        self.args = args
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        cmd = [
+            sys.executable,
+            "-m",
+            "vbus.daemon",
+            "--run-dir",
+            str(self.run_dir),
+            "--loop",
+            TEST_LOOP,
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            *self.args,
+        ]
+        env = dict(os.environ if self.env is None else self.env)
+        env.pop("NOTIFY_SOCKET", None) if self.env is None else None
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vbusd exited with {self.proc.returncode}:\n{self.log()}")
+            if b'"daemon.ready"' in self.log_path.read_bytes():
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"vbusd did not become ready in {timeout} s:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"vbusd did not stop within {timeout} s") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def mapping_count(self) -> int:
+        with open(f"/proc/{self.pid}/maps") as f:
+            return sum(1 for _ in f)
+
+
+@pytest.fixture
+def vbusd(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Factory: ``vbusd(*args)`` starts a daemon; all are stopped (and checked) at teardown."""
+    started: list[Daemon] = []
+    counter = iter(range(1000))
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(tmp_path / f"run{next(counter)}", list(args), env)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            code = daemon.stop()
+            log = daemon.log()
+            assert code == 0, f"vbusd exited with {code}:\n{log}"
+        log = daemon.log()
+        assert '"loop.exception"' not in log, f"exception in the daemon's loop:\n{log}"
+        assert "Traceback" not in log or '"device.error"' in log, f"traceback in log:\n{log}"

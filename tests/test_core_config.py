@@ -1,0 +1,233 @@
+"""The TOML topology file: schema checks with clear messages, applying, the default."""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import pytest
+
+from vbus.core.config import apply_config, default_config_text, load_config_text
+from vbus.core.device import Attribute, DeviceModel, Session
+from vbus.core.members import Peer
+from vbus.core.model import Connection, Topology
+from vbus.core.registry import Registry
+from vbus.errors import Busy, Exists, Invalid, NoSuchTask, NotFound, VbusError
+
+SELF_UID = 1000
+SOURCE = "/etc/vbus/topology.toml"
+
+
+class FakeTasks:
+    def __init__(self) -> None:
+        self.procs: dict[int, tuple[int, int, int]] = {1: (0, 1, 0), 10: (1, 50, 2000)}
+
+    def starttime(self, pid: int) -> int | None:
+        proc = self.procs.get(pid)
+        return None if proc is None else proc[1]
+
+    def parent(self, pid: int) -> int | None:
+        proc = self.procs.get(pid)
+        return None if proc is None or proc[0] <= 0 else proc[0]
+
+    def uid(self, pid: int) -> int | None:
+        proc = self.procs.get(pid)
+        return None if proc is None else proc[2]
+
+
+class StandInEcho(DeviceModel):
+    """Stands in for vbus.devices.echo.Echo: same name and attribute."""
+
+    name = "echo"
+    description = "test stand-in"
+    attributes = (Attribute("mode", "choice", "echo", choices=("echo", "sink")),)
+
+    def open(self, conn: Connection) -> Session:
+        return Session(self, conn)
+
+
+class Knobs(DeviceModel):
+    name = "knobs"
+    description = "attributes of every kind"
+    attributes = (
+        Attribute("size", "int", 4, minimum=1, maximum=64),
+        Attribute("flag", "bool", False),
+        Attribute("label", "str", ""),
+        Attribute("serial", "str", "s", readonly=True),
+    )
+
+    def open(self, conn: Connection) -> Session:
+        return Session(self, conn)
+
+
+@pytest.fixture
+def topo() -> Topology:
+    registry = Registry()
+    registry.register(StandInEcho)
+    registry.register(Knobs)
+    return Topology(registry, FakeTasks(), SELF_UID)
+
+
+GOOD = """
+[devices.echo0]
+class = "echo"
+mode = "sink"
+
+[devices.k]
+class = "knobs"
+size = 16
+flag = true
+label = "hello"
+
+[buses.default]
+members = ["uid:self", "pid:10"]
+devices = ["echo0", "k"]
+
+[buses.spare]
+"""
+
+
+def test_load_good_config() -> None:
+    cfg = load_config_text(GOOD, SOURCE)
+    assert cfg == {
+        "source": SOURCE,
+        "devices": {
+            "echo0": {"class": "echo", "attrs": {"mode": "sink"}},
+            "k": {"class": "knobs", "attrs": {"size": 16, "flag": True, "label": "hello"}},
+        },
+        "buses": {
+            "default": {"members": ["uid:self", "pid:10"], "devices": ["echo0", "k"]},
+            "spare": {"members": [], "devices": []},
+        },
+    }
+
+
+def test_load_empty_config() -> None:
+    assert load_config_text("", "empty") == {"source": "empty", "devices": {}, "buses": {}}
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[devices.x\nclass=1", ""),
+        ("bus = 1", "bus"),
+        ("[device.x]\nclass = 'echo'", "device"),
+        ("devices = 5", "devices"),
+        ("devices = [1]", "devices"),
+        ("[devices.'-bad']\nclass = 'echo'", "devices.-bad"),
+        ("[devices.'a b']\nclass = 'echo'", "devices.a b"),
+        ("[devices]\nx = 'echo'", "devices.x"),
+        ("[devices.x]\nmode = 'echo'", "devices.x"),
+        ("[devices.x]\nclass = 5", "devices.x.class"),
+        ("[devices.x]\nclass = 'echo'\nratio = 1.5", "devices.x.ratio"),
+        ("[devices.x]\nclass = 'echo'\nmode = ['echo']", "devices.x.mode"),
+        ("[devices.x]\nclass = 'echo'\n[devices.x.sub]\na = 1", "devices.x.sub"),
+        ("buses = 'default'", "buses"),
+        ("[buses.'']", "buses."),
+        ("[buses]\ndefault = 1", "buses.default"),
+        ("[buses.default]\nmember = ['uid:self']", "buses.default.member"),
+        ("[buses.default]\nmembers = 'uid:self'", "buses.default.members"),
+        ("[buses.default]\nmembers = [1000]", "buses.default.members"),
+        ("[buses.default]\nmembers = ['uid:1', 'uid:1']", "buses.default.members"),
+        ("[buses.default]\nmembers = ['gid:1']", "buses.default.members"),
+        ("[buses.default]\nmembers = ['pid:0']", "buses.default.members"),
+        ("[buses.default]\ndevices = 'echo0'", "buses.default.devices"),
+        ("[buses.default]\ndevices = ['echo0']", "buses.default.devices"),
+        (
+            "[devices.e]\nclass = 'echo'\n[buses.default]\ndevices = ['e', 'e']",
+            "buses.default.devices",
+        ),
+    ],
+)
+def test_load_errors_name_source_and_key(text: str, where: str) -> None:
+    with pytest.raises(Invalid) as info:
+        load_config_text(text, SOURCE)
+    message = info.value.message
+    assert message.startswith(f"{SOURCE}: ")
+    if where:
+        assert message.startswith(f"{SOURCE}: {where}: "), message
+
+
+def test_load_error_for_bad_toml_says_so() -> None:
+    with pytest.raises(Invalid, match="not valid TOML"):
+        load_config_text("[[[", "x.toml")
+
+
+def test_apply_config(topo: Topology) -> None:
+    apply_config(topo, load_config_text(GOOD, SOURCE))
+    assert [d.name for d in topo.devices_on("default")] == ["echo0", "k"]
+    assert topo.get_attribute("echo0", "mode") == "sink"
+    assert topo.get_attribute("k", "flag") == "1"
+    assert topo.get_attribute("k", "size") == "16"
+    assert topo.members("default") == ["pid:10", f"uid:{SELF_UID}"]
+    assert topo.members("spare") == []
+    assert topo.resolve(Peer(99, SELF_UID, SELF_UID)) is topo.bus("default")
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "where"),
+    [
+        ("[devices.x]\nclass = 'nope'", Invalid, "devices.x.class"),
+        ("[devices.x]\nclass = 'echo'\nmode = 'loud'", Invalid, "devices.x.mode"),
+        ("[devices.x]\nclass = 'echo'\ncolour = 'red'", NotFound, "devices.x.colour"),
+        ("[devices.x]\nclass = 'knobs'\nsize = 0", Invalid, "devices.x.size"),
+        ("[devices.x]\nclass = 'knobs'\nflag = 2", Invalid, "devices.x.flag"),
+        ("[devices.x]\nclass = 'knobs'\nserial = 'z'", VbusError, "devices.x.serial"),
+        ("[buses.a]\nmembers = ['pid:4242']", NoSuchTask, "buses.a.members"),
+        ("[buses.a]\nmembers = ['uid:5']\n[buses.b]\nmembers = ['uid:5']", Busy, "buses.b.members"),
+        ("[buses.a]\nmembers = ['uid:7', 'uid:007']", Exists, "buses.a.members"),
+    ],
+)
+def test_apply_errors_are_all_or_nothing(
+    topo: Topology, text: str, error: type[VbusError], where: str
+) -> None:
+    cfg = load_config_text(GOOD + text, SOURCE)
+    with pytest.raises(error) as info:
+        apply_config(topo, cfg)
+    assert info.value.message.startswith(f"{SOURCE}: {where}: "), info.value.message
+    assert topo.snapshot()["devices"] == {}
+    assert topo.snapshot()["buses"] == {}
+
+
+def test_apply_twice_conflicts_and_keeps_the_first(topo: Topology) -> None:
+    cfg = load_config_text(GOOD, SOURCE)
+    apply_config(topo, cfg)
+    before = topo.snapshot()
+    with pytest.raises(Exists, match=r"devices\.echo0\.class"):
+        apply_config(topo, cfg)
+    assert topo.snapshot() == before
+
+
+def test_apply_without_source_uses_a_placeholder(topo: Topology) -> None:
+    cfg: dict[str, Any] = {"devices": {"x": {"class": "nope", "attrs": {}}}, "buses": {}}
+    with pytest.raises(Invalid, match=r"^config: devices\.x\.class: "):
+        apply_config(topo, cfg)
+
+
+def test_default_config_text() -> None:
+    text = default_config_text()
+    assert text.lstrip().startswith("#")
+    assert sum(line.startswith("#") for line in text.splitlines()) >= 3
+    assert tomllib.loads(text) == {
+        "devices": {"echo0": {"class": "echo", "mode": "echo"}},
+        "buses": {"default": {"members": ["uid:self"], "devices": ["echo0"]}},
+    }
+
+
+@pytest.mark.parametrize("self_uid", [0, SELF_UID])
+def test_default_config_applies_cleanly(self_uid: int) -> None:
+    registry = Registry()
+    registry.register(StandInEcho)
+    topo = Topology(registry, FakeTasks(), self_uid)
+    apply_config(topo, load_config_text(default_config_text(), "<default>"))
+    assert [d.name for d in topo.devices_on("default")] == ["echo0"]
+    assert topo.device("echo0").deviceclass == "echo"
+    assert topo.get_attribute("echo0", "mode") == "echo"
+    assert topo.members("default") == [f"uid:{self_uid}"]
+    bus = topo.resolve(Peer(4321, self_uid, self_uid))
+    assert bus is topo.bus("default")
+    assert topo.find_device(bus, "echo0") is topo.device("echo0")
+    # ... and what it builds survives a snapshot round trip.
+    again = Topology(registry, FakeTasks(), self_uid)
+    again.apply(topo.snapshot())
+    assert again.snapshot() == topo.snapshot()

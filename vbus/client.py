@@ -1,0 +1,389 @@
+"""The process-side library: reach the devices on your bus from asyncio.
+
+::
+
+    async with vbus.client.connect() as bus:
+        print(await bus.devices())
+        dev = await bus.open("echo0")
+        assert await dev.call(1, b"ping") == b"ping"
+        tx = await dev.shm(0, "tx")          # north -> south ring
+        rx = await dev.shm(1, "rx")          # south -> north ring
+        await tx.send_many([b"x" * 64] * 1000)
+        msgs = await rx.recv_many(1000)
+
+The socket path comes from ``path``, else ``$VBUS_SOCKET``, else the daemon's
+default run directory.  Errors arrive as the ``vbus.errors`` classes the daemon
+raised.  Queues live in a sealed memfd this library creates: a ring followed
+by a pool of ``count`` buffers of ``buf_size`` bytes.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from vbus import protocol
+from vbus.errors import Closed, Fault, Invalid, NotFound, VbusError
+from vbus.ioq import IoqNorth, pool_layout
+from vbus.memory import create_memfd
+from vbus.mitigation import wait_for_work
+from vbus.paths import default_socket_path
+from vbus.signal import EventfdTransport
+
+__all__ = ["Bus", "ClientQueue", "Device", "connect", "default_socket_path"]
+
+_CMSG_SPACE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
+MAX_EVENTS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    id: int
+    name: str
+    deviceclass: str
+
+
+class Bus:
+    """A connection to the daemon: the devices of the caller's bus."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._seq = 0
+        self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        self._devices: dict[int, Device] = {}
+        self._closed: VbusError | None = None
+        self.events: asyncio.Queue[protocol.Event] = asyncio.Queue(MAX_EVENTS)
+        self.name = ""
+        self.client_id = 0
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    # --- plumbing ---------------------------------------------------------
+    async def _request(self, msg: protocol.Message, fds: Sequence[int] = ()) -> protocol.Message:
+        if self._closed is not None:
+            raise self._closed
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        seq = self._seq
+        frame = protocol.encode(msg, seq)
+        future: asyncio.Future[protocol.Message] = self._loop.create_future()
+        self._pending[seq] = future
+        try:
+            await self._send(frame, fds)
+            reply = await future
+        finally:
+            self._pending.pop(seq, None)
+        if isinstance(reply, protocol.Error):
+            raise reply.exception()
+        return reply
+
+    async def _send(self, frame: bytes, fds: Sequence[int]) -> None:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while True:
+            try:
+                self._sock.sendmsg([frame], ancillary)
+                return
+            except BlockingIOError:
+                writable = self._loop.create_future()
+                self._loop.add_writer(self._sock.fileno(), _resolve, writable)
+                try:
+                    await writable
+                finally:
+                    self._loop.remove_writer(self._sock.fileno())
+            except OSError as exc:
+                self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
+                raise self._closed from None  # type: ignore[misc]
+
+    def _on_readable(self) -> None:
+        while self._closed is None:
+            try:
+                data, ancdata, _flags, _ = self._sock.recvmsg(protocol.MAX_FRAME, _CMSG_SPACE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
+                return
+            for level, kind, payload in ancdata:  # the daemon sends none; never leak any
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                        os.close(fd)
+            if not data:
+                self._lost(Closed("vbusd closed the connection"))
+                return
+            try:
+                seq, msg = protocol.decode_reply(data, 0)
+            except VbusError as exc:
+                self._lost(Closed(f"vbusd sent a malformed message: {exc.message}"))
+                return
+            if isinstance(msg, protocol.Event):
+                self._on_event(msg)
+                continue
+            future = self._pending.get(seq)
+            if future is not None and not future.done():
+                future.set_result(msg)
+
+    def _on_event(self, event: protocol.Event) -> None:
+        if event.handle:
+            device = self._devices.get(event.handle)
+            if device is not None:
+                device._gone(event)
+        elif event.kind in (protocol.EventKind.SHUTDOWN, protocol.EventKind.BUS_GONE):
+            for device in list(self._devices.values()):
+                device._gone(event)
+        if self.events.full():
+            self.events.get_nowait()  # keep the newest; never grow without bound
+        self.events.put_nowait(event)
+
+    def _lost(self, exc: VbusError) -> None:
+        if self._closed is not None:
+            return
+        self._closed = exc
+        self._loop.remove_reader(self._sock.fileno())
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        for device in list(self._devices.values()):
+            device._fail(exc)
+        self._sock.close()
+
+    # --- the API -------------------------------------------------------------
+    async def hello(self, name: str) -> None:
+        reply = await self._request(protocol.Hello(1, 1, protocol.clip(name, protocol.NAME_MAX)))
+        assert isinstance(reply, protocol.Welcome)
+        self.name = reply.bus
+        self.client_id = reply.client_id
+
+    async def devices(self) -> list[DeviceInfo]:
+        """The devices on this connection's bus."""
+        reply = await self._request(protocol.Enumerate())
+        assert isinstance(reply, protocol.Devices)
+        return [DeviceInfo(d.id, d.name, d.deviceclass) for d in reply.devices]
+
+    async def open(self, device: str | int) -> Device:
+        """Open a device by name or id.  ``NotFound`` if it is not on this bus."""
+        if isinstance(device, int):
+            msg = protocol.Open(device_id=device)
+        else:
+            msg = protocol.Open(name=device)
+        reply = await self._request(msg)
+        assert isinstance(reply, protocol.Opened)
+        dev = Device(self, reply.handle, DeviceInfo(reply.device_id, reply.name, reply.deviceclass))
+        self._devices[reply.handle] = dev
+        return dev
+
+    async def close(self) -> None:
+        for device in list(self._devices.values()):
+            device._release()
+        self._devices.clear()
+        self._lost(Closed("connection closed"))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+
+class Device:
+    """An open device: ``call()`` and ``shm()``."""
+
+    def __init__(self, bus: Bus, handle: int, info: DeviceInfo) -> None:
+        self.bus = bus
+        self.handle = handle
+        self.info = info
+        self.queues: dict[int, ClientQueue] = {}
+        self.error: VbusError | None = None
+
+    async def call(self, func: int, data: bytes = b"") -> bytes:
+        if self.error is not None:
+            raise self.error
+        reply = await self.bus._request(protocol.Call(self.handle, func, data))
+        assert isinstance(reply, protocol.Result)
+        return reply.data
+
+    async def shm(
+        self,
+        index: int,
+        direction: Literal["tx", "rx"],
+        *,
+        count: int = 256,
+        buf_size: int = 2048,
+    ) -> ClientQueue:
+        """Register queue ``index``: ``tx`` carries messages to the device,
+        ``rx`` brings them back.  ``count`` descriptors of ``buf_size`` bytes."""
+        if self.error is not None:
+            raise self.error
+        if direction not in ("tx", "rx"):
+            raise Invalid("direction must be 'tx' or 'rx'")
+        if buf_size <= 0:
+            raise Invalid("buf_size must be positive")
+        queue = ClientQueue(self, index, direction, count, buf_size)
+        flags = protocol.SHM_WRITABLE if direction == "rx" else 0
+        try:
+            await self.bus._request(
+                protocol.Shm(self.handle, index, 0, count, flags),
+                (queue.memfd, queue.kick.fd, queue.call.fd),
+            )
+        except BaseException:
+            queue._release()
+            raise
+        os.close(queue.memfd)  # the daemon holds its own reference now
+        queue.memfd = -1
+        if direction == "rx":
+            queue.ring.post_empty(count)
+            queue.ring.signal.notify()
+        self.queues[index] = queue
+        return queue
+
+    async def close(self) -> None:
+        if self.error is None:
+            with contextlib.suppress(Closed, NotFound):
+                await self.bus._request(protocol.Close(self.handle))
+        self._release()
+        self.error = self.error or Closed("device closed")
+
+    def _release(self) -> None:
+        for queue in self.queues.values():
+            queue._release()
+        self.queues.clear()
+        self.bus._devices.pop(self.handle, None)
+
+    def _gone(self, event: protocol.Event) -> None:
+        kind = protocol.EventKind(event.kind)
+        if kind == protocol.EventKind.FAULT:
+            self._fail(Fault(f"{self.info.name} faulted: {event.reason}"))
+        else:
+            self._fail(Closed(f"{self.info.name}: {kind.name.lower()}: {event.reason}"))
+
+    def _fail(self, exc: VbusError) -> None:
+        if self.error is None:
+            self.error = exc
+        for queue in self.queues.values():
+            queue._wake_with(self.error)
+
+
+class ClientQueue:
+    """North end of one ring.  ``send``/``send_many`` on tx, ``recv``/``recv_many`` on rx."""
+
+    def __init__(
+        self, device: Device, index: int, direction: str, count: int, buf_size: int
+    ) -> None:
+        data_offset, total = pool_layout(count, buf_size)
+        self.device = device
+        self.index = index
+        self.direction = direction
+        self.memfd, self._map = create_memfd(f"vbus-q{index}", total)
+        self.kick = EventfdTransport.create()  # north -> south
+        self.call = EventfdTransport.create()  # south -> north
+        self.ring = IoqNorth(self._map, 0, count, data_offset, buf_size, self.kick)
+        self.wakeups = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def signals_sent(self) -> int:
+        return self.ring.signal.sent
+
+    async def send(self, data: bytes) -> None:
+        await self.send_many((data,))
+
+    async def send_many(self, payloads: Sequence[bytes]) -> None:
+        """Post every payload, waiting for ring space as needed (backpressure)."""
+        if self.direction != "tx":
+            raise Invalid("send on a receive queue")
+        ring = self.ring
+        done = 0
+        total = len(payloads)
+        while True:
+            self._check()
+            if done:
+                payloads = payloads[done:]
+                total -= done
+            done = ring.send_many(payloads)
+            if done:
+                ring.signal.notify()
+            if done == total:
+                return
+            await self._wait(lambda: ring.space() > 0)
+
+    async def recv(self) -> bytes:
+        return (await self.recv_many(1))[0]
+
+    async def recv_many(self, limit: int = 256) -> list[bytes]:
+        """At least one message, at most ``limit``."""
+        if self.direction != "rx":
+            raise Invalid("recv on a transmit queue")
+        ring = self.ring
+        while True:
+            self._check()
+            msgs = ring.recv_many(limit)
+            if msgs:
+                ring.signal.notify()  # fresh buffers posted: wake a south waiting for them
+                return msgs
+            await self._wait(lambda: ring.completed() > 0)
+
+    def _check(self) -> None:
+        if self.device.error is not None:
+            raise self.device.error
+
+    async def _wait(self, has_work: object) -> None:
+        self.wakeups += 1
+        waiter = asyncio.ensure_future(wait_for_work(self.ring.signal, has_work, self.call))  # type: ignore[arg-type]
+        self._waiter = waiter
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if self.device.error is not None and not _current_task_cancelling():
+                raise self.device.error from None
+            raise
+        finally:
+            self._waiter = None
+
+    def _wake_with(self, exc: VbusError) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+
+    def _release(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
+        self.ring.close()
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        self.kick.close()
+        self.call.close()
+        if self.memfd >= 0:
+            os.close(self.memfd)
+            self.memfd = -1
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return bool(task is not None and task.cancelling())
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+@contextlib.asynccontextmanager
+async def connect(path: str | os.PathLike[str] | None = None, name: str = "") -> AsyncIterator[Bus]:
+    """Connect to vbusd and say HELLO; yields the caller's ``Bus``."""
+    target = Path(path) if path is not None else default_socket_path()
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, str(target))
+    except OSError as exc:
+        sock.close()
+        raise Closed(f"cannot connect to vbusd at {target}: {exc.strerror}") from None
+    bus = Bus(sock, loop)
+    try:
+        await bus.hello(name or f"pid-{os.getpid()}")
+        yield bus
+    finally:
+        await bus.close()

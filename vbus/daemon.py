@@ -1,0 +1,255 @@
+"""vbusd: the host daemon.  Wiring, event loop, logging and lifecycle only.
+
+Start-up: load the deviceclasses, build the topology (``--config`` or the
+embedded default), take the run directory's lock, serve the userspace socket,
+tell systemd ``READY=1``.  SIGTERM/SIGINT: tell every client, release
+everything, remove the socket, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vbus import __version__
+from vbus.connectors.userspace import Limits, UserspaceConnector
+from vbus.core.config import apply_config, default_config_text, load_config_text
+from vbus.core.model import Topology
+from vbus.core.registry import Registry
+from vbus.errors import VbusError
+from vbus.log import configure, get_logger
+from vbus.paths import default_run_dir
+from vbus.procfs import ProcTasks
+
+__all__ = ["main"]
+
+log = get_logger("vbus.daemon")
+
+
+class StartupError(Exception):
+    """A reason not to start, said in one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    limits = Limits()
+    parser = argparse.ArgumentParser(
+        prog="vbusd",
+        description="The vbus host daemon: serves virtual devices on buses to processes "
+        "over a Unix socket and shared-memory rings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML topology to start with (default: the embedded one: bus 'default' "
+        "admitting the daemon's uid, with echo device 'echo0')",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="directory for vbus.sock and the lock (default: /run/vbus as root, "
+        "else $XDG_RUNTIME_DIR/vbus)",
+    )
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--log-format", choices=("console", "json"), default="console")
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=limits.handshake_timeout,
+        help="seconds a new connection has to say HELLO",
+    )
+    parser.add_argument(
+        "--max-connections-per-uid", type=int, default=limits.max_connections_per_uid
+    )
+    parser.add_argument(
+        "--max-pending-per-uid",
+        type=int,
+        default=limits.max_pending_per_uid,
+        help="connections per uid that may wait for their handshake at once",
+    )
+    parser.add_argument("--version", action="version", version=f"vbusd {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure(args.log_format, args.log_level)
+    runner: Any
+    if args.loop == "uvloop":
+        import uvloop
+
+        runner = uvloop.run
+    else:
+        runner = asyncio.run
+    try:
+        return int(runner(serve(args)))
+    except StartupError as exc:
+        print(f"vbusd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_exception)
+    _raise_fd_limit()
+
+    registry = Registry.from_entry_points()
+    tasks = ProcTasks()
+    topology = Topology(registry, tasks, os.getuid(), boot_id=tasks.boot_id())
+    if args.config is not None:
+        try:
+            text = args.config.read_text()
+        except OSError as exc:
+            raise StartupError(f"cannot read config {args.config}: {exc.strerror}") from None
+        source = str(args.config)
+    else:
+        text, source = default_config_text(), "embedded default"
+    try:
+        apply_config(topology, load_config_text(text, source))
+    except VbusError as exc:
+        raise StartupError(f"bad topology in {source}: {exc.message}") from None
+
+    run_dir: Path = args.run_dir or default_run_dir()
+    lock = _take_run_dir(run_dir)
+    sock_path = run_dir / "vbus.sock"
+    limits = Limits(
+        handshake_timeout=args.handshake_timeout,
+        max_connections_per_uid=args.max_connections_per_uid,
+        max_pending_per_uid=args.max_pending_per_uid,
+    )
+    connector = UserspaceConnector(topology, sock_path, loop, limits, tasks)
+    try:
+        _clear_stale_socket(sock_path)
+        connector.start()
+    except OSError as exc:
+        lock.close()
+        raise StartupError(f"cannot serve {sock_path}: {exc.strerror}") from None
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, stop, signum)
+
+    log.info(
+        "daemon.ready",
+        version=__version__,
+        pid=os.getpid(),
+        socket=str(sock_path),
+        config=source,
+        loop=type(loop).__module__.split(".")[0],
+        buses=[bus.name for bus in topology.buses()],
+        devices=len(topology.devices()),
+    )
+    _sd_notify("READY=1")
+    started = time.monotonic()
+    try:
+        await stop.wait()
+    finally:
+        _sd_notify("STOPPING=1")
+        connector.stop("daemon stopping")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / "vbusd.pid").unlink()
+        lock.close()
+        log.info("daemon.stopped", uptime=round(time.monotonic() - started, 3))
+    return 0
+
+
+def _on_signal(stop: asyncio.Event, signum: int) -> None:
+    log.info("daemon.stopping", signal=signal.Signals(signum).name)
+    stop.set()
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    log.error(
+        "loop.exception",
+        message=context.get("message"),
+        exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+    )
+
+
+def _take_run_dir(run_dir: Path) -> Any:
+    """Create the run directory and hold its lock for the daemon's lifetime."""
+    try:
+        run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        lock = open(run_dir / "vbusd.lock", "a+")  # noqa: SIM115 - held until exit
+    except OSError as exc:
+        raise StartupError(f"cannot use run directory {run_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        holder = _read_pid(run_dir / "vbusd.pid")
+        who = f" (pid {holder})" if holder else ""
+        raise StartupError(
+            f"another vbusd{who} is already serving {run_dir}; stop it or use --run-dir"
+        ) from None
+    (run_dir / "vbusd.pid").write_text(f"{os.getpid()}\n")
+    return lock
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """We hold the lock, so a socket file left here belongs to a dead daemon,
+    unless something else answers on it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        log.info("daemon.stale_socket_removed", socket=str(path))
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"{path} is served by another process; stop it or use --run-dir")
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _raise_fd_limit() -> None:
+    """Each connection costs descriptors; use what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _sd_notify(state: str) -> None:
+    """systemd Type=notify: a datagram to $NOTIFY_SOCKET (abstract if it starts with @)."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as exc:
+            log.warning("daemon.notify_failed", socket=target, reason=exc.strerror)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
