@@ -27,15 +27,18 @@ spins until the other has reached it too, so the two stay in lock step.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import mmap
 import os
+import select
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from vbus.signal import fence as vbus_fence
 
@@ -44,6 +47,7 @@ __all__ = ["LitmusResult", "main", "run_litmus", "usable_cpus"]
 DEFAULT_ITERATIONS = 3_000_000
 _PAGE = mmap.PAGESIZE
 _PROGRESS_A, _PROGRESS_B = 0, 128 // 8  # u64 indexes into the header page
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +119,21 @@ def _spin_store_load(
             seen[i] = theirs[i]
 
 
-def _child(cpu: int | None, body: Callable[[], None]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask for SIGKILL when the parent goes: a lone child would spin forever."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it went before the request took effect
+        os._exit(1)
+
+
+def _child(parent: int, cpu: int | None, body: Callable[[], None]) -> None:
     """Run ``body`` in a forked child and never return into the parent's code."""
     code = 1
     try:
+        _die_with_parent(parent)
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})
         body()
@@ -129,28 +144,50 @@ def _child(cpu: int | None, body: Callable[[], None]) -> None:
         os._exit(code)
 
 
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    pids.clear()
+
+
 def _reap(pids: list[int], deadline: float) -> None:
-    """Wait for both children; if one fails or time runs out, kill the other."""
+    """Wait for both children; if one fails, time runs out or we are
+    interrupted, kill the other (it would wait for its partner forever).
+
+    Sleeps on pidfds rather than polling: a parent that wakes up every few
+    milliseconds takes a CPU away from one of the two spinning children.
+    """
     failed: list[str] = []
     live = list(pids)
-    while live:
-        for pid in list(live):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
+    pidfds = {os.pidfd_open(pid): pid for pid in live}
+    try:
+        while live:
+            if failed:
+                failed.append("partner killed")
+                _kill(live)
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failed.append("litmus run timed out")
+                _kill(live)
+                break
+            ready, _, _ = select.select(list(pidfds), [], [], remaining)
+            for pidfd in ready:
+                pid = pidfds.pop(pidfd)
+                os.close(pidfd)
+                _, status = os.waitpid(pid, 0)
                 live.remove(pid)
                 code = os.waitstatus_to_exitcode(status)
                 if code != 0:
                     failed.append(f"litmus child {pid} exited with {code}")
-        if live and (failed or time.monotonic() > deadline):
-            if not failed:
-                failed.append("litmus run timed out")
-            for pid in live:
-                os.kill(pid, signal.SIGKILL)
-            for pid in live:
-                os.waitpid(pid, 0)
-            live.clear()
-        elif live:
-            time.sleep(0.005)
+    except BaseException:
+        _kill(live)
+        raise
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
     if failed:
         raise RuntimeError("; ".join(failed))
 
@@ -160,9 +197,7 @@ def _count_outcomes(r1: bytes, r2: bytes) -> dict[tuple[int, int], int]:
     n = len(r1)
     doubled = r2.translate(bytes((2 * b) & 0xFF for b in range(256)))
     # Bytes are 0..3, so adding the two as little-endian integers never carries.
-    coded = (int.from_bytes(r1, "little") + int.from_bytes(doubled, "little")).to_bytes(
-        n, "little"
-    )
+    coded = (int.from_bytes(r1, "little") + int.from_bytes(doubled, "little")).to_bytes(n, "little")
     outcomes = {(r1v, r2v): coded.count(r1v + 2 * r2v) for r2v in (0, 1) for r1v in (0, 1)}
     stray = n - sum(outcomes.values())
     if stray or r1.translate(None, b"\x00\x01") or r2.translate(None, b"\x00\x01"):
@@ -182,6 +217,7 @@ def run_litmus(iterations: int, *, fence: bool, timeout: float = 600.0) -> Litmu
     pinned: tuple[int, ...] = (cpus[0], cpus[1]) if len(cpus) >= 2 else ()
     fence_fn = vbus_fence if fence else None
     mv = memoryview(mapping)
+    views: list[memoryview] = []
     try:
         # Aligned native u64 progress counters: one load or store each (not struct).
         progress = mv[:_PAGE].cast("Q")
@@ -191,27 +227,32 @@ def run_litmus(iterations: int, *, fence: bool, timeout: float = 600.0) -> Litmu
         y = mv[y_at : y_at + n]
         r1 = mv[r1_at : r1_at + n]
         r2 = mv[r2_at : r2_at + n]
+        views += [progress, prog_a, prog_b, x, y, r1, r2]
         sys.stdout.flush()
         sys.stderr.flush()
         start = time.perf_counter()
         pids: list[int] = []
+        parent = os.getpid()
         try:
             for side in (0, 1):
                 pid = os.fork()
                 if pid == 0:
                     cpu = pinned[side] if pinned else None
-                    if side == 0:
-                        _child(cpu, lambda: _spin_store_load(x, y, r1, prog_a, prog_b, n, fence_fn))
-                    else:
-                        _child(cpu, lambda: _spin_store_load(y, x, r2, prog_b, prog_a, n, fence_fn))
+                    if side == 0:  # X = 1; r1 = Y
+                        body = partial(_spin_store_load, x, y, r1, prog_a, prog_b, n, fence_fn)
+                    else:  # Y = 1; r2 = X
+                        body = partial(_spin_store_load, y, x, r2, prog_b, prog_a, n, fence_fn)
+                    _child(parent, cpu, body)
                 pids.append(pid)
-        finally:
-            _reap(pids, time.monotonic() + timeout)
+        except BaseException:
+            _kill(pids)  # a lone first child would wait for its partner forever
+            raise
+        _reap(pids, time.monotonic() + timeout)
         seconds = time.perf_counter() - start
         outcomes = _count_outcomes(bytes(r1), bytes(r2))
-        for view in (x, y, r1, r2, prog_a, prog_b, progress):
-            view.release()
     finally:
+        for view in reversed(views):
+            view.release()
         mv.release()
         mapping.close()
     return LitmusResult("fence" if fence else "nofence", n, outcomes, seconds, pinned)

@@ -140,14 +140,14 @@ def test_cast_gives_native_words(memory: BufferMemory, fmt: str, width: int) -> 
         memory.cast(SIZE - width, 2 * width, fmt)  # type: ignore[arg-type]
 
 
-def test_release_invalidates_handed_out_views(memory: BufferMemory) -> None:
-    view = memory.view(0, 16)
+def test_release_invalidates_cast_views_only(memory: BufferMemory) -> None:
+    view = memory.view(0, 16)  # untracked: a device may take one per message
     words = memory.cast(0, 16, "Q")
     memory.release()
-    with pytest.raises(ValueError):
-        view[0]
+    assert view[0] == memory.buf[0]
     with pytest.raises(ValueError):
         words[0]
+    view.release()
     memory.release()  # twice is harmless
 
 
@@ -399,12 +399,11 @@ def test_close_unmaps_even_with_views_handed_out(fds: list[int]) -> None:
     words = region.cast(64, 64, "Q")
     view[0] = 1
     words[0] = 2
+    view.release()  # the user's job for view(); cast() views are released by close()
     assert _maps_lines(name) == 1
     region.close()
     assert _maps_lines(name) == 0
     assert region.buf.closed  # type: ignore[union-attr]
-    with pytest.raises(ValueError):
-        view[0]
     with pytest.raises(ValueError):
         words[0]
     region.close()  # idempotent

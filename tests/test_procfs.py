@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,7 +119,12 @@ def test_command_name_with_spaces_and_parentheses(tasks: ProcTasks, tmp_path: Pa
     shutil.copy(sleep, weird)
     proc = subprocess.Popen([str(weird), "60"])
     try:
-        comm = Path(f"/proc/{proc.pid}/comm").read_text().rstrip("\n")
+        # Until the child has exec'd, its comm is still the parent's.
+        deadline = time.monotonic() + 10
+        comm = ""
+        while ")" not in comm and time.monotonic() < deadline:
+            comm = Path(f"/proc/{proc.pid}/comm").read_text().rstrip("\n")
+            time.sleep(0.01)
         assert ")" in comm and " " in comm
         assert tasks.parent(proc.pid) == os.getpid()
         assert tasks.starttime(proc.pid) == _stat_field(proc.pid, 22)

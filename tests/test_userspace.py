@@ -367,17 +367,34 @@ def test_silent_connections_are_dropped_after_the_handshake_timeout(vbusd) -> No
 def test_idle_abusers_do_not_lock_out_a_good_client(vbusd) -> None:
     daemon: Daemon = vbusd("--max-pending-per-uid", "20")
     idle = [RawClient(daemon.socket) for _ in range(20)]
-    refused = RawClient(daemon.socket)
-    _, reply = refused.recv()
-    assert "waiting for their handshake" in expect_error(reply, VbusError)
-    assert refused.is_closed_by_peer()
-    # Many more idle sockets under the default total cap leave room for good clients:
-    for sock in idle[:5]:
-        sock.close()
+    # The pending cap is full: the newcomer still gets in, the oldest idle one goes.
     good = RawClient(daemon.socket)
     assert isinstance(good.hello(), protocol.Welcome)
-    for sock in idle[5:]:
-        sock.close()
+    assert idle[0].is_closed_by_peer()
+    assert "evicted: too many connections waiting for their handshake" in daemon.log()
+    assert not idle[1].is_closed_by_peer(timeout=0.2)
+    for raw in idle:
+        raw.close()
+
+
+def test_connection_cap_per_uid_refuses_with_a_reason(vbusd) -> None:
+    daemon: Daemon = vbusd("--max-connections-per-uid", "3")
+    members = [RawClient(daemon.socket) for _ in range(3)]
+    for raw in members:
+        assert isinstance(raw.hello(), protocol.Welcome)
+    refused = RawClient(daemon.socket)
+    _, reply = refused.recv()
+    assert "too many connections for uid" in expect_error(reply, VbusError)
+    assert refused.is_closed_by_peer()
+    members[0].close()
+
+    def admitted() -> bool:
+        raw = RawClient(daemon.socket)
+        raw.seq = 1
+        raw.send_raw(protocol.encode(protocol.Hello(1, 1, "late"), 1))
+        return isinstance(raw.recv()[1], protocol.Welcome)
+
+    assert _settles(admitted)
 
 
 def test_default_caps_admit_hundreds_of_connections(vbusd) -> None:

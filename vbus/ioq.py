@@ -224,10 +224,12 @@ class IoqSouth:
 
     # --- batch fast paths ----------------------------------------------------
     def read_many(self, budget: int) -> list[bytes]:
+        if self.writable:
+            raise Invalid("read_many on a queue the south fills")
         if self._cursor != self._inuse:
             raise Invalid("read_many with buffers popped and not pushed back")
         n = min(self.pending(), budget)
-        if n == 0:
+        if n <= 0:
             return []
         first = self._cursor
         ptrs, lens = self._validate(self._snapshot(first, n), first, n)
@@ -273,7 +275,7 @@ class IoqSouth:
     # --- general path: one Buffer at a time -----------------------------------
     def pop_many(self, budget: int) -> list[Buffer]:
         n = min(self.pending(), budget)
-        if n == 0:
+        if n <= 0:
             return []
         first = self._cursor
         raw = self._snapshot(first, n)
@@ -295,9 +297,11 @@ class IoqSouth:
         for i, (buf, written) in enumerate(items):
             if buf.index != (first + i) & _M32 or buf.index == self._cursor:
                 raise Invalid(f"buffer {buf.index} handed back out of order")
-            if written:
-                if not self.writable or written > buf.length:
+            if written or self.writable:
+                if not self.writable or not 0 <= written <= buf.length:
                     raise Invalid(f"cannot report {written} bytes written into buffer {buf.index}")
+                # Also when 0: on a queue the south fills, len tells the north how
+                # much is there, and it still holds the buffer's capacity.
                 self._dq[(buf.index & self._mask) * 4 + _LEN] = written
                 self.stats.bytes += written
         if items:

@@ -83,11 +83,13 @@ class BufferMemory:
         self.buf[addr : addr + length] = data
 
     def view(self, addr: int, length: int) -> memoryview:
-        """A live view: the north may change it at any time (snapshot before trusting)."""
+        """A live view: the north may change it at any time (snapshot before trusting).
+
+        Not tracked: release it when done, or the mapping outlives ``close()``
+        until the view is garbage.  (Tracking every view would grow without bound
+        for a device that takes one per message.)"""
         self.check(addr, length)
-        view = memoryview(self.buf)[addr : addr + length]
-        self._views.append(view)
-        return view
+        return memoryview(self.buf)[addr : addr + length]
 
     def cast(self, addr: int, length: int, fmt: Literal["I", "Q"]) -> memoryview[int]:
         """An aligned native-width view (for ring indexes: one load or store each)."""

@@ -71,7 +71,9 @@ class Limits:
 
     handshake_timeout: float = 5.0
     max_connections_per_uid: int = 1024
-    max_pending_per_uid: int = 256  # connections that have not said HELLO yet
+    # Connections per uid that have not said HELLO yet.  Past this the oldest
+    # is evicted, not the newcomer: idle sockets cannot lock a prompt client out.
+    max_pending_per_uid: int = 256
     max_handles: int = 256  # open devices per peer
     max_queues: int = 64  # registered queues per peer
     frames_per_wakeup: int = 64  # fairness between peers
@@ -198,7 +200,7 @@ class UserspaceConnector:
         self.counters = {"accepted": 0, "refused": 0, "denied": 0, "faults": 0, "dropped": 0}
         self._listener: socket.socket | None = None
         self._per_uid: dict[int, int] = {}
-        self._pending_per_uid: dict[int, int] = {}
+        self._pending_per_uid: dict[int, dict[int, _Peer]] = {}  # uid -> oldest first
         self._peer_ids = 0
         self._accept_paused = False
 
@@ -265,13 +267,12 @@ class UserspaceConnector:
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         )
         limits = self.limits
+        pending = self._pending_per_uid.get(uid, {})
+        if len(pending) >= limits.max_pending_per_uid:
+            oldest = next(iter(pending.values()))
+            self._drop(oldest, "evicted: too many connections waiting for their handshake")
         if self._per_uid.get(uid, 0) >= limits.max_connections_per_uid:
             reason = f"too many connections for uid {uid}"
-        elif self._pending_per_uid.get(uid, 0) >= limits.max_pending_per_uid:
-            reason = f"too many connections of uid {uid} waiting for their handshake"
-        else:
-            reason = ""
-        if reason:
             self.counters["refused"] += 1
             log.warning("client.refused", pid=pid, uid=uid, reason=reason)
             with contextlib.suppress(OSError):
@@ -282,7 +283,7 @@ class UserspaceConnector:
         peer = _Peer(self, sock, cred)
         self.peers[peer.fd] = peer
         self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
-        self._pending_per_uid[uid] = self._pending_per_uid.get(uid, 0) + 1
+        self._pending_per_uid.setdefault(uid, {})[peer.id] = peer
         peer.deadline = self.loop.call_later(
             limits.handshake_timeout, self._handshake_expired, peer
         )
@@ -302,8 +303,9 @@ class UserspaceConnector:
         if peer.pending:
             peer.pending = False
             uid = peer.cred.uid
-            self._pending_per_uid[uid] -= 1
-            if not self._pending_per_uid[uid]:
+            pending = self._pending_per_uid[uid]
+            del pending[peer.id]
+            if not pending:
                 del self._pending_per_uid[uid]
 
     # --- receiving ------------------------------------------------------------

@@ -1,0 +1,762 @@
+"""vbus.ioq: the descriptor ring, both ends, over a plain bytearray.
+
+The south trusts nothing in shared memory: every test that breaks the ring
+checks that the south answers with ``Fault`` (or ``Invalid`` for local misuse)
+and leaves memory as it was.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vbus.errors import Fault, Invalid, TooBig
+from vbus.ioq import (
+    DESC_SIZE,
+    HEADER_SIZE,
+    MAX_COUNT,
+    IoqNorth,
+    IoqSouth,
+    format_ring,
+    pool_layout,
+    ring_bytes,
+)
+from vbus.memory import BufferMemory
+from vbus.queue import Buffer
+from vbus.signal import NORTH, SOUTH, EventfdTransport
+
+COUNT = 8
+BUF_SIZE = 64
+NEAR_WRAP = 0xFFFFFFF0
+M32 = 0xFFFFFFFF
+VALID_AT, INUSE_AT = 64, 128  # byte offsets of the two indexes in the header
+SIGNAL_AT = 16
+_DESC = struct.Struct("<QQQBB6x")
+FLAG_VALID, FLAG_SOWN = 24, 25
+
+
+class Ring:
+    """A north and a south end on one bytearray, with eventfds both ways."""
+
+    def __init__(
+        self,
+        *,
+        writable: bool,
+        count: int = COUNT,
+        buf_size: int = BUF_SIZE,
+        start: int = 0,
+        max_len: int | None = None,
+        exact: bool = False,
+        offset: int = 0,
+    ) -> None:
+        data, total = pool_layout(count, buf_size)
+        data += offset
+        total = data + count * buf_size if exact else total + offset
+        self.count = count
+        self.offset = offset
+        self.buf = bytearray(total)
+        self.size = total
+        self.kick = EventfdTransport.create()  # north -> south
+        self.call = EventfdTransport.create()  # south -> north
+        self.north = IoqNorth(self.buf, offset, count, data, buf_size, self.kick)
+        self.hdr = memoryview(self.buf)[offset : offset + HEADER_SIZE].cast("I")
+        if start:
+            # Both ends resume from the same indexes (DESIGN.md 7): near 2**32
+            # the free-running counters wrap during the test.
+            self.hdr[VALID_AT // 4] = self.hdr[INUSE_AT // 4] = start
+            self.north.valid = self.north.reaped = start
+        self.memory = BufferMemory(self.buf)
+        kwargs = {} if max_len is None else {"max_len": max_len}
+        self.south = IoqSouth(self.memory, offset, count, self.call, writable=writable, **kwargs)
+
+    @property
+    def valid(self) -> int:
+        return self.hdr[VALID_AT // 4]
+
+    @valid.setter
+    def valid(self, value: int) -> None:
+        self.hdr[VALID_AT // 4] = value & M32
+
+    @property
+    def inuse(self) -> int:
+        return self.hdr[INUSE_AT // 4]
+
+    def desc_at(self, index: int) -> int:
+        return self.offset + HEADER_SIZE + (index & (self.count - 1)) * DESC_SIZE
+
+    def desc(self, index: int) -> tuple[int, int, int, int, int]:
+        return _DESC.unpack_from(self.buf, self.desc_at(index))
+
+    def set_desc(self, index: int, **fields: int) -> None:
+        at = self.desc_at(index)
+        for name, value in fields.items():
+            if name in ("cookie", "ptr", "len"):
+                struct.pack_into(
+                    "<Q", self.buf, at + 8 * ("cookie", "ptr", "len").index(name), value
+                )
+            else:
+                self.buf[at + {"valid": FLAG_VALID, "sown": FLAG_SOWN}[name]] = value
+
+    def close(self) -> None:
+        self.south.close()
+        self.north.close()
+        self.hdr.release()
+        self.memory.release()
+        self.kick.close()
+        self.call.close()
+
+
+@pytest.fixture
+def rings() -> Iterator[Callable[..., Ring]]:
+    made: list[Ring] = []
+
+    def make(**kwargs: object) -> Ring:
+        ring = Ring(**kwargs)  # type: ignore[arg-type]
+        made.append(ring)
+        return ring
+
+    yield make
+    for ring in made:
+        ring.close()
+
+
+def _msgs(n: int, tag: int = 0, size: int | None = None) -> list[bytes]:
+    return [
+        bytes([(tag + i) & 0xFF]) * (size if size is not None else 1 + (tag + i) % BUF_SIZE)
+        for i in range(n)
+    ]
+
+
+# --- layout -------------------------------------------------------------------
+
+
+def test_layout_keeps_indexes_and_descriptors_on_their_own_cache_lines() -> None:
+    assert (HEADER_SIZE, DESC_SIZE) == (192, 32)
+    assert VALID_AT // 64 != INUSE_AT // 64 != HEADER_SIZE // 64
+    assert 64 % DESC_SIZE == 0 and HEADER_SIZE % 64 == 0  # no descriptor straddles a line
+    assert ring_bytes(8) == 192 + 8 * 32
+    data, total = pool_layout(8, 100)
+    assert data % 64 == 0 and data >= ring_bytes(8)
+    assert total % 4096 == 0 and total >= data + 8 * 100
+
+
+def test_format_ring_writes_a_fresh_ring() -> None:
+    buf = bytearray(b"\xee" * 1024)
+    format_ring(buf, 64, 4)
+    assert struct.unpack_from("<IIII", buf, 64) == (0x56424951, 1, 4, 0)
+    assert buf[64 + SIGNAL_AT : 64 + 32] == struct.pack("<II", 0x56425347, 1) + b"\x01\0\0\0" * 2
+    assert buf[64 + 32 : 64 + ring_bytes(4)] == bytes(ring_bytes(4) - 32)  # indexes, descs
+    assert buf[:64] == b"\xee" * 64 and buf[64 + ring_bytes(4) :] == b"\xee" * (
+        1024 - 64 - ring_bytes(4)
+    )
+
+
+@pytest.mark.parametrize(
+    ("offset", "count", "size"),
+    [
+        (32, 4, 1024),  # unaligned
+        (0, 6, 1024),  # not a power of two
+        (0, 0, 1024),
+        (0, 2 * MAX_COUNT, 1024),
+        (0, 4, ring_bytes(4) - 1),  # one byte short
+        (64, 4, ring_bytes(4)),
+        (-64, 4, 1024),  # would index from the end
+    ],
+)
+def test_format_ring_refuses_bad_geometry(offset: int, count: int, size: int) -> None:
+    buf = bytearray(size)
+    with pytest.raises(Invalid):
+        format_ring(buf, offset, count)
+    assert buf == bytearray(size)  # neither written nor grown
+
+
+# --- registration ---------------------------------------------------------------
+
+
+def _formatted(count: int = COUNT, size: int = 4096) -> bytearray:
+    buf = bytearray(size)
+    format_ring(buf, 0, count)
+    return buf
+
+
+@pytest.mark.parametrize("count", [0, 3, 6, 100, MAX_COUNT * 2, -8])
+def test_registration_refuses_a_count_that_is_not_a_power_of_two(count: int) -> None:
+    with pytest.raises(Invalid, match="power of two"):
+        IoqSouth(BufferMemory(_formatted()), 0, count, None, writable=False)
+
+
+def test_registration_refuses_an_unaligned_offset() -> None:
+    with pytest.raises(Invalid, match="aligned"):
+        IoqSouth(BufferMemory(_formatted()), 32, COUNT, None, writable=False)
+
+
+@pytest.mark.parametrize(
+    ("offset", "size"),
+    [(0, ring_bytes(COUNT) - 1), (4096 - 64, 4096), (-64, 4096), (1 << 64, 4096)],
+)
+def test_registration_refuses_a_ring_outside_the_memory(offset: int, size: int) -> None:
+    with pytest.raises(Fault, match="does not fit"):
+        IoqSouth(BufferMemory(bytearray(size)), offset, COUNT, None, writable=False)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ((0, struct.pack("<I", 0x51494256)), "bad magic"),
+        ((4, struct.pack("<I", 2)), "version 2"),
+        ((4, struct.pack("<I", 0)), "version 0"),
+        ((8, struct.pack("<I", 16)), "16 descriptors, 8 registered"),
+        ((8, struct.pack("<I", 4)), "4 descriptors, 8 registered"),
+        ((SIGNAL_AT, b"XXXX"), "shm_signal: bad magic"),
+        ((SIGNAL_AT + 4, struct.pack("<I", 9)), "shm_signal: unsupported version 9"),
+        ((VALID_AT, struct.pack("<I", COUNT + 1)), "ahead"),
+        ((VALID_AT, struct.pack("<I", M32)), "ahead"),  # behind inuse = far ahead
+    ],
+)
+def test_registration_refuses_a_broken_header(patch: tuple[int, bytes], message: str) -> None:
+    buf = _formatted()
+    at, data = patch
+    buf[at : at + len(data)] = data
+    with pytest.raises(Fault, match=message):
+        IoqSouth(BufferMemory(buf), 0, COUNT, None, writable=False)
+
+
+def test_registration_accepts_a_full_ring_at_any_index(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=False, start=NEAR_WRAP + 12)
+    ring.north.send_many(_msgs(COUNT))
+    again = IoqSouth(ring.memory, 0, COUNT, None, writable=False)  # a restarted south
+    assert again.pending() == COUNT
+    assert again.read_many(COUNT) == _msgs(COUNT)
+    assert ring.inuse == (NEAR_WRAP + 12 + COUNT) & M32
+
+
+# --- round trips ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [0, NEAR_WRAP, M32 - 2])
+@pytest.mark.parametrize("offset", [0, 128])
+def test_north_to_south_round_trip(rings: Callable[..., Ring], start: int, offset: int) -> None:
+    """Random partial batches against a model: slots wrap many times, indexes past 2**32."""
+    ring = rings(writable=False, start=start, offset=offset)
+    north, south = ring.north, ring.south
+    rng = random.Random(start ^ offset)
+    model: deque[bytes] = deque()
+    sent = received = nbytes = 0
+    for step in range(400):
+        if rng.random() < 0.5:
+            space = COUNT - len(model)
+            assert north.space() == space
+            want = rng.randint(0, COUNT)
+            batch = _msgs(want, tag=step)
+            n = north.send_many(batch)
+            assert n == min(want, space)
+            model.extend(batch[:n])
+            sent += n
+        else:
+            budget = rng.randint(0, COUNT + 2)
+            assert south.pending() == len(model)
+            got = south.read_many(budget)
+            expected = [model.popleft() for _ in range(min(budget, len(model)))]
+            assert got == expected
+            received += len(got)
+            nbytes += sum(map(len, got))
+        assert ring.valid == (start + sent) & M32
+        assert ring.inuse == (start + received) & M32
+    assert received > 100
+    assert south.stats.messages == received and south.stats.bytes == nbytes
+    if start >= NEAR_WRAP:
+        assert ring.valid < start  # the free-running index really wrapped
+
+
+@pytest.mark.parametrize("start", [0, NEAR_WRAP, M32])
+def test_south_to_north_round_trip(rings: Callable[..., Ring], start: int) -> None:
+    ring = rings(writable=True, start=start)
+    north, south = ring.north, ring.south
+    north.post_empty(COUNT)
+    assert south.pending() == COUNT
+    rng = random.Random(start)
+    model: deque[bytes] = deque()
+    written = reaped = 0
+    for step in range(400):
+        if rng.random() < 0.5:
+            want = rng.randint(0, COUNT + 2)
+            batch = _msgs(want, tag=step)
+            free = COUNT - len(model)
+            assert south.pending() == free
+            n = south.write_many(batch)
+            assert n == min(want, free)
+            model.extend(batch[:n])
+            written += n
+        else:
+            limit = rng.randint(0, COUNT)
+            expected = [model.popleft() for _ in range(min(limit, len(model)))]
+            got = north.recv_many(limit)
+            assert got == expected
+            reaped += len(got)
+        assert ring.inuse == (start + written) & M32
+        assert ring.valid == (start + COUNT + reaped) & M32  # recv_many reposts at once
+    assert written > 100
+    assert south.stats.messages == written
+    if start:
+        assert ring.inuse < start
+
+
+def test_send_many_posts_only_what_fits(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=False)
+    assert ring.north.send_many(_msgs(COUNT + 3)) == COUNT
+    assert ring.north.send_many(_msgs(1)) == 0
+    assert ring.south.read_many(100) == _msgs(COUNT)
+    with pytest.raises(TooBig):
+        ring.north.send_many([bytes(BUF_SIZE + 1)])
+
+
+def test_write_many_truncates_a_payload_to_its_buffer(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=True)
+    ring.north.post_empty(2)
+    long = bytes(range(BUF_SIZE + 10))
+    assert ring.south.write_many([long, b"short"]) == 2
+    assert ring.desc(0)[2] == BUF_SIZE
+    assert ring.north.recv_many(2) == [long[:BUF_SIZE], b"short"]
+    assert ring.south.stats.bytes == BUF_SIZE + 5
+
+
+def test_write_many_backpressure(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=True)
+    south = ring.south
+    ring.north.post_empty(2)
+    assert south.write_many(_msgs(5)) == 2
+    assert south.stats.stalls == 1
+    assert south.write_many(_msgs(1)) == 0
+    assert south.stats.stalls == 2
+    assert south.write_many([]) == 0
+    assert south.stats.stalls == 2  # asking for nothing is not a stall
+    assert ring.north.recv_many(10) == _msgs(2)
+    assert south.write_many(_msgs(1)) == 1  # recv_many posted the buffers again
+
+
+def test_fast_paths_refuse_misuse(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=False)
+    with pytest.raises(Invalid, match="north fills"):
+        ring.south.write_many([b"x"])
+    ring.north.send_many(_msgs(2))
+    assert ring.south.pop() is not None
+    with pytest.raises(Invalid, match="popped"):
+        ring.south.read_many(1)
+    out = rings(writable=True)
+    out.north.post_empty(2)
+    assert out.south.pop() is not None
+    with pytest.raises(Invalid, match="popped"):
+        out.south.write_many([b"x"])
+
+
+# --- general path -----------------------------------------------------------------
+
+
+def test_pop_and_push_in_order_with_cookies(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=False, start=NEAR_WRAP + 14)  # wraps inside this batch
+    south = ring.south
+    assert south.pop() is None
+    assert south.pop_many(4) == []
+    base = NEAR_WRAP + 14
+    for i in range(4):
+        ring.set_desc(base + i, cookie=0xC0DE_0000 + i)
+    ring.north.send_many(_msgs(4))
+    first = south.pop()
+    assert first is not None
+    assert first.index == base and first.cookie == 0xC0DE_0000
+    ((ptr, length, writable),) = first.segments
+    assert not writable and length == first.length == 1
+    assert ring.memory.read(ptr, length) == _msgs(1)[0]
+    rest = south.pop_many(2)
+    assert [b.index for b in rest] == [(base + 1) & M32, (base + 2) & M32]
+    assert [b.cookie for b in rest] == [0xC0DE_0001, 0xC0DE_0002]
+    assert south.pending() == 1  # counted from the south's cursor
+    assert ring.inuse == base  # nothing handed back yet
+    south.push(first)
+    assert ring.inuse == (base + 1) & M32
+    assert ring.desc(base)[4] == 0  # sown cleared
+    assert ring.north.completed() == 1
+    south.push_many([(rest[0], 0), (rest[1], 0)])
+    assert ring.inuse == (base + 3) & M32
+    assert south.stats.messages == 3
+
+
+def test_push_refuses_out_of_order_and_foreign_buffers(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=False)
+    south = ring.south
+    ring.north.send_many(_msgs(4))
+    a, b, c = south.pop_many(3)
+    before = bytes(ring.buf)
+    with pytest.raises(Invalid, match="out of order"):
+        south.push(b)
+    with pytest.raises(Invalid, match="out of order"):
+        south.push_many([(a, 0), (c, 0)])
+    not_popped = Buffer(3, 0, ((0, 1, False),))
+    with pytest.raises(Invalid, match="out of order"):
+        south.push_many([(a, 0), (b, 0), (c, 0), (not_popped, 0)])
+    assert bytes(ring.buf) == before  # nothing handed back by a refused push
+    south.push(a)
+    with pytest.raises(Invalid):
+        south.push(a)  # twice
+    with pytest.raises(Invalid, match="written"):
+        south.push(b, 1)  # the south does not write into a north->south buffer
+    south.push_many([(b, 0), (c, 0)])
+    assert ring.inuse == 3
+
+
+def test_push_reports_written_bytes_on_a_queue_the_south_fills(
+    rings: Callable[..., Ring],
+) -> None:
+    ring = rings(writable=True)
+    south = ring.south
+    ring.north.post_empty(2)
+    a, b = south.pop_many(2)
+    ((ptr, length, writable),) = a.segments
+    assert writable and length == BUF_SIZE
+    with pytest.raises(Invalid, match="written"):
+        south.push(a, BUF_SIZE + 1)
+    ring.memory.write(ptr, b"reply")
+    south.push(a, 5)
+    south.push(b, 0)
+    assert ring.north.recv_many(2) == [b"reply", b""]
+    assert south.stats.bytes == 5
+
+
+# --- faults ---------------------------------------------------------------------
+
+Breakage = Callable[[Ring, int], None]
+
+BREAKAGES: dict[str, tuple[Breakage, str]] = {
+    "north index too far ahead": (lambda r, i: setattr(r, "valid", r.inuse + COUNT + 1), "ahead"),
+    "north index behind": (lambda r, i: setattr(r, "valid", r.inuse - 1), "ahead"),
+    "descriptor not valid": (lambda r, i: r.set_desc(i, valid=0), "is not valid (0)"),
+    "descriptor valid=2": (lambda r, i: r.set_desc(i, valid=2), "is not valid (2)"),
+    "not south-owned": (lambda r, i: r.set_desc(i, sown=0), "not owned by the south (0)"),
+    "ptr outside": (lambda r, i: r.set_desc(i, ptr=r.size, len=1), "outside"),
+    "ptr+len one past": (lambda r, i: r.set_desc(i, ptr=r.size - 4, len=5), "outside"),
+    "len above max_len": (lambda r, i: r.set_desc(i, len=BUF_SIZE + 1), "exceeds the queue's 64"),
+    "ptr+len overflows u64": (lambda r, i: r.set_desc(i, ptr=2**64 - 8, len=16), "outside"),
+    "ptr 2**64-1": (lambda r, i: r.set_desc(i, ptr=2**64 - 1, len=1), "outside"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+@pytest.mark.parametrize("path", ["read_many", "pop_many", "write_many"])
+def test_every_broken_descriptor_is_a_fault(
+    rings: Callable[..., Ring], breakage: str, path: str
+) -> None:
+    writable = path == "write_many"
+    start = NEAR_WRAP + 14
+    ring = rings(writable=writable, start=start, max_len=BUF_SIZE)
+    if writable:
+        ring.north.post_empty(4)
+    else:
+        ring.north.send_many(_msgs(4))
+    culprit = start + 2  # the third of four: the batch check must name it
+    breaker, message = BREAKAGES[breakage]
+    breaker(ring, culprit)
+    before = bytes(ring.buf)
+    with pytest.raises(Fault, match=re.escape(message)) as info:
+        if path == "read_many":
+            ring.south.read_many(4)
+        elif path == "pop_many":
+            ring.south.pop_many(4)
+        else:
+            ring.south.write_many(_msgs(4))
+    if "index" not in breakage:
+        assert re.search(rf"descriptor {culprit & M32}\b", info.value.message)
+    assert bytes(ring.buf) == before  # a fault hands nothing back and writes nothing
+    assert ring.south.stats.messages == 0
+
+
+@pytest.mark.parametrize(
+    ("ptr_of", "length", "expected_of"),
+    [
+        (lambda size: size, 0, lambda buf: b""),  # empty at the very end
+        (lambda size: size - 3, 3, lambda buf: bytes(buf[-3:])),  # last bytes
+        (lambda size: 0, BUF_SIZE, lambda buf: bytes(buf[:BUF_SIZE])),  # len == max_len
+    ],
+)
+def test_boundary_descriptors_are_accepted(
+    rings: Callable[..., Ring],
+    ptr_of: Callable[[int], int],
+    length: int,
+    expected_of: Callable[[bytearray], bytes],
+) -> None:
+    ring = rings(writable=False, max_len=BUF_SIZE)
+    ring.buf[-3:] = b"end"
+    ring.north.send_many([b"x"])
+    ring.set_desc(0, ptr=ptr_of(ring.size), len=length)
+    assert ring.south.read_many(1) == [expected_of(ring.buf)]
+
+
+# --- double fetch: the south acts on its snapshot ---------------------------------
+
+
+class RewritingSouth(IoqSouth):
+    """A south whose north rewrites every descriptor right after it was snapshotted."""
+
+    def _snapshot(self, first: int, n: int) -> bytes:
+        raw = bytes(super()._snapshot(first, n))
+        for i in range(n):
+            at = self._base + ((first + i) & self._mask) * DESC_SIZE
+            self._buf[at : at + DESC_SIZE] = _DESC.pack(0xBAD, 2**64 - 1, 2**64 - 1, 0, 0)
+        return raw
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_south_acts_on_its_snapshot(rings: Callable[..., Ring], writable: bool) -> None:
+    ring = rings(writable=writable)
+    south = RewritingSouth(ring.memory, 0, COUNT, None, writable=writable)
+    if writable:
+        ring.north.post_empty(3)
+        assert south.write_many(_msgs(3)) == 3
+        pool = pool_layout(COUNT, BUF_SIZE)[0]
+        for i, msg in enumerate(_msgs(3)):
+            assert ring.buf[pool + i * BUF_SIZE : pool + i * BUF_SIZE + len(msg)] == msg
+            assert ring.desc(i)[2] == len(msg)  # len written back over the rewrite
+    else:
+        ring.north.send_many(_msgs(3))
+        assert south.read_many(3) == _msgs(3)
+        ring.north.send_many(_msgs(2, tag=9))
+        bufs = south.pop_many(2)
+        assert [b.cookie for b in bufs] == [0, 0]
+        assert [b.length for b in bufs] == [len(m) for m in _msgs(2, tag=9)]
+    south.close()
+
+
+def test_results_do_not_change_with_shared_memory(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=False)
+    ring.north.send_many(_msgs(2))
+    got = ring.south.read_many(1)
+    popped = ring.south.pop()
+    assert popped is not None
+    segments, cookie = popped.segments, popped.cookie
+    ring.buf[pool_layout(COUNT, BUF_SIZE)[0] :] = b"\xff" * (
+        ring.size - pool_layout(COUNT, BUF_SIZE)[0]
+    )
+    for i in range(2):
+        ring.set_desc(i, ptr=2**64 - 1, len=2**64 - 1, cookie=7)
+    assert got == _msgs(1)
+    assert popped.segments == segments and popped.cookie == cookie
+    ring.south.push(popped)  # still hands back fine: push trusts the snapshot only
+    assert ring.inuse == 2
+
+
+# --- notifications ------------------------------------------------------------------
+
+
+def test_kick_north_is_mitigated_by_the_norths_flags(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=True)
+    south, north, call = ring.south, ring.north, ring.call
+    assert south.kick_north() is True
+    assert call.drain() == 1
+    assert south.kick_north() is False  # still pending
+    assert call.drain() == 0
+    north.signal.disarm()  # the north polls
+    assert south.kick_north() is False
+    north.signal.arm()
+    assert south.kick_north() is True
+    assert call.drain() == 1
+    stats = south.stats
+    assert (stats.signals_sent, stats.signals_suppressed) == (2, 2)
+
+
+def test_enable_notify_rechecks_the_ring(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=False)
+    south, north, kick = ring.south, ring.north, ring.kick
+    south.disable_notify()
+    assert not south.signal.armed
+    north.send_many(_msgs(2))
+    assert north.signal.notify() is False  # the south polls: no kick
+    assert kick.drain() == 0
+    # Work slipped in while notifications were off: enable says so, no wake-up lost.
+    assert south.enable_notify() is True
+    assert south.signal.armed
+    south.disable_notify()
+    assert south.read_many(COUNT) == _msgs(2)
+    assert south.enable_notify() is False
+    north.send_many(_msgs(1))
+    assert north.signal.notify() is True
+    assert kick.drain() == 1
+    assert ring.buf[SIGNAL_AT + 8 + 4 * SOUTH + 1] == 1  # pending, until the south disarms
+    south.disable_notify()
+    assert ring.buf[SIGNAL_AT + 8 + 4 * SOUTH : SIGNAL_AT + 8 + 4 * SOUTH + 3] == b"\0\0\0"
+    assert ring.buf[SIGNAL_AT + 8 + 4 * NORTH] == 1  # the north's flags are its own
+
+
+# --- fuzz: garbage in the ring never escapes as anything but Fault/Invalid ---------
+
+F_COUNT, F_BUF = 4, 32
+F_DATA = pool_layout(F_COUNT, F_BUF)[0]
+F_SIZE = F_DATA + F_COUNT * F_BUF  # exactly ring + pool: nothing to hide an overrun in
+F_RING = ring_bytes(F_COUNT)
+F_SOUTH_IRQ = range(SIGNAL_AT + 8 + 4 * SOUTH, SIGNAL_AT + 12 + 4 * SOUTH)
+F_NORTH_IRQ = range(SIGNAL_AT + 8 + 4 * NORTH, SIGNAL_AT + 12 + 4 * NORTH)
+F_INUSE = range(INUSE_AT, INUSE_AT + 4)
+
+u64s = st.one_of(
+    st.sampled_from(
+        [
+            *(0, 1, F_BUF, F_DATA, F_SIZE - F_BUF, F_SIZE - 1, F_SIZE, F_SIZE + 1),
+            *(2**32, 2**63, 2**64 - F_BUF, 2**64 - 1),
+        ]
+    ),
+    st.integers(0, 2**64 - 1),
+)
+patches = st.one_of(
+    st.tuples(
+        st.just("bytes"), st.integers(0, F_RING - 1), st.just(0), st.binary(min_size=1, max_size=24)
+    ),
+    st.tuples(st.just("field"), st.integers(0, F_COUNT - 1), st.sampled_from([0, 8, 16]), u64s),
+    st.tuples(
+        st.just("flag"),
+        st.integers(0, F_COUNT - 1),
+        st.sampled_from([FLAG_VALID, FLAG_SOWN]),
+        st.sampled_from([0, 1, 2, 255]),
+    ),
+    st.tuples(st.just("valid"), st.integers(-2, F_COUNT + 2), st.just(0), st.just(0)),
+)
+ops = st.tuples(
+    st.sampled_from(["pending", "read", "write", "pop", "push", "kick", "enable", "disable"]),
+    st.integers(0, F_COUNT + 1),
+)
+
+
+def _apply(buf: bytearray, patch: tuple[str, int, int, object]) -> None:
+    kind, a, b, c = patch
+    if kind == "bytes":
+        assert isinstance(c, bytes)
+        end = min(a + len(c), F_RING)
+        buf[a:end] = c[: end - a]
+    elif kind == "field":
+        struct.pack_into("<Q", buf, HEADER_SIZE + a * DESC_SIZE + b, c)
+    elif kind == "flag":
+        assert isinstance(c, int)
+        buf[HEADER_SIZE + a * DESC_SIZE + b] = c
+    else:  # the north index, relative to what the south has handed back
+        inuse = struct.unpack_from("<I", buf, INUSE_AT)[0]
+        struct.pack_into("<I", buf, VALID_AT, (inuse + a) & M32)
+
+
+def _desc_fields(raw: bytes, index: int) -> tuple[int, int, int, int, int]:
+    return _DESC.unpack_from(raw, HEADER_SIZE + (index % F_COUNT) * DESC_SIZE)
+
+
+def _changed(before: bytes, after: bytearray) -> set[int]:
+    return {i for i, (x, y) in enumerate(zip(before, after, strict=True)) if x != y}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    writable=st.booleans(),
+    start=st.sampled_from([0, F_COUNT - 1, 0xFFFFFFFE]),
+    posted=st.integers(0, F_COUNT),
+    before_registration=st.lists(patches, max_size=4),
+    steps=st.lists(st.tuples(st.lists(patches, max_size=3), ops), max_size=8),
+)
+def test_garbage_in_the_ring_only_ever_faults(
+    writable: bool,
+    start: int,
+    posted: int,
+    before_registration: list[tuple[str, int, int, object]],
+    steps: list[tuple[list[tuple[str, int, int, object]], tuple[str, int]]],
+) -> None:
+    buf = bytearray(F_SIZE)
+    north = IoqNorth(buf, 0, F_COUNT, F_DATA, F_BUF, None)
+    struct.pack_into("<I", buf, VALID_AT, start)
+    struct.pack_into("<I", buf, INUSE_AT, start)
+    north.valid = north.reaped = start
+    if writable:
+        north.post_empty(posted)
+    else:
+        north.send_many([bytes([0x40 + i]) * (i + 1) for i in range(posted)])
+    north.close()
+    for patch in before_registration:
+        _apply(buf, patch)
+    memory = BufferMemory(buf)
+    before = bytes(buf)
+    try:
+        south = IoqSouth(memory, 0, F_COUNT, None, writable=writable, max_len=F_BUF)
+    except (Fault, Invalid):
+        assert bytes(buf) == before
+        return
+    cursor = start  # the south's own position: shared memory may lie about it
+    popped: list[Buffer] = []
+    try:
+        for step_patches, (op, arg) in steps:
+            for patch in step_patches:
+                _apply(buf, patch)
+            before = bytes(buf)
+            allowed: set[int] = set()
+            try:
+                if op == "pending":
+                    assert 0 <= south.pending() <= F_COUNT
+                elif op == "read" and not popped:
+                    got = south.read_many(arg)
+                    for i, payload in enumerate(got):
+                        _, ptr, length, valid, sown = _desc_fields(before, cursor + i)
+                        assert (valid, sown) == (1, 1)
+                        assert length <= F_BUF and ptr + length <= F_SIZE
+                        assert payload == before[ptr : ptr + length]
+                        allowed.add(HEADER_SIZE + ((cursor + i) % F_COUNT) * DESC_SIZE + FLAG_SOWN)
+                    cursor += len(got)
+                    allowed.update(F_INUSE)
+                elif op == "write" and writable and not popped:
+                    payloads = [bytes([0xA0 + i]) * (3 * i + arg) for i in range(arg)]
+                    n = south.write_many(payloads)
+                    assert 0 <= n <= len(payloads)
+                    for i in range(n):
+                        _, ptr, cap, valid, sown = _desc_fields(before, cursor + i)
+                        assert (valid, sown) == (1, 1)
+                        assert cap <= F_BUF and ptr + cap <= F_SIZE
+                        allowed.update(range(ptr, ptr + min(cap, len(payloads[i]))))
+                        at = HEADER_SIZE + ((cursor + i) % F_COUNT) * DESC_SIZE
+                        allowed.update(range(at + 16, at + 24))  # len written back
+                        allowed.add(at + FLAG_SOWN)
+                    cursor += n
+                    allowed.update(F_INUSE)
+                elif op == "pop":
+                    bufs = south.pop_many(arg)
+                    for i, b in enumerate(bufs):
+                        _, ptr, length, valid, sown = _desc_fields(before, cursor + i)
+                        assert b.index == (cursor + i) & M32
+                        assert b.segments == ((ptr, length, writable),)
+                        assert length <= F_BUF and ptr + length <= F_SIZE
+                    cursor += len(bufs)
+                    popped.extend(bufs)
+                elif op == "push" and popped:
+                    items = [(b, min(arg, b.length) if writable else 0) for b in popped]
+                    south.push_many(items)
+                    for b, _w in items:
+                        at = HEADER_SIZE + (b.index % F_COUNT) * DESC_SIZE
+                        allowed.update(range(at + 16, at + 24))
+                        allowed.add(at + FLAG_SOWN)
+                    popped.clear()
+                    allowed.update(F_INUSE)
+                elif op == "kick":
+                    south.kick_north()
+                    allowed.update(F_NORTH_IRQ)
+                elif op == "enable":
+                    south.enable_notify()
+                    allowed.update(F_SOUTH_IRQ)
+                elif op == "disable":
+                    south.disable_notify()
+                    allowed.update(F_SOUTH_IRQ)
+            except (Fault, Invalid):
+                assert len(buf) == F_SIZE
+                if op != "enable":  # enable stores its flag, then finds the index bad
+                    assert bytes(buf) == before
+                return
+            assert len(buf) == F_SIZE
+            assert _changed(before, buf) <= allowed
+    finally:
+        south.close()
+        memory.release()
