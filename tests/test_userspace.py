@@ -163,7 +163,7 @@ async def test_not_a_member_is_denied_on_hello(vbusd, tmp_path: Path) -> None:
     with pytest.raises(Denied, match="not a member of any bus"):
         async with connect(daemon.socket):
             pass
-    assert '"client.denied"' in daemon.log()
+    assert _settles(lambda: '"client.denied"' in daemon.log())
 
 
 async def test_device_on_another_bus_is_indistinguishable_from_none(vbusd, tmp_path) -> None:
@@ -308,7 +308,7 @@ def test_ring_with_bad_magic_faults_that_connection_only(vbusd) -> None:
     # That handle is gone; the other connection works.
     expect_error(bad.request(protocol.Call(handle, 1, b"x")), NotFound)
     assert good.request(protocol.Call(good_handle, 1, b"x")) == protocol.Result(b"x")
-    assert '"connection.faulted"' in daemon.log()
+    assert _settles(lambda: '"connection.faulted"' in daemon.log())
 
 
 async def test_descriptor_outside_memory_faults_with_reason(vbusd) -> None:
@@ -361,7 +361,7 @@ def test_silent_connections_are_dropped_after_the_handshake_timeout(vbusd) -> No
     daemon: Daemon = vbusd("--handshake-timeout", "0.5")
     raw = RawClient(daemon.socket)
     assert raw.is_closed_by_peer(timeout=10)
-    assert "no HELLO within the handshake timeout" in daemon.log()
+    assert _settles(lambda: "no HELLO within the handshake timeout" in daemon.log())
 
 
 def test_idle_abusers_do_not_lock_out_a_good_client(vbusd) -> None:
@@ -371,7 +371,7 @@ def test_idle_abusers_do_not_lock_out_a_good_client(vbusd) -> None:
     good = RawClient(daemon.socket)
     assert isinstance(good.hello(), protocol.Welcome)
     assert idle[0].is_closed_by_peer()
-    assert "evicted: too many connections waiting for their handshake" in daemon.log()
+    assert _settles(lambda: "evicted: too many connections waiting" in daemon.log())
     assert not idle[1].is_closed_by_peer(timeout=0.2)
     for raw in idle:
         raw.close()

@@ -565,10 +565,10 @@ class UserspaceConnector:
             self.loop.remove_writer(peer.fd)
         peer.outbound.clear()
         self.peers.pop(peer.fd, None)
-        peer.sock.close()
         if level == "warning":
             self.counters["dropped"] += 1
-        getattr(peer.log, level)("client.closed", reason=reason)
+        getattr(peer.log, level)("client.closed", reason=reason)  # before the peer sees EOF
+        peer.sock.close()
 
     def describe(self) -> list[dict[str, Any]]:
         return [
