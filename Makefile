@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test lint typecheck unit system-deps clean
 
 $(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -28,7 +29,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 ## test: everything, on both event loops
-test: $(STAMP) system-deps lint typecheck
+test: system-deps $(STAMP) lint typecheck
 	VBUS_TEST_LOOP=uvloop $(PY) -m pytest -q $(PYTEST_ARGS)
 	VBUS_TEST_LOOP=asyncio $(PY) -m pytest -q -m 'asyncio or integration' $(PYTEST_ARGS)
 

@@ -50,6 +50,7 @@ from vbus.protocol import (
     Result,
     ServerSession,
     Shm,
+    Status,
     Welcome,
     decode,
     decode_reply,
@@ -82,6 +83,7 @@ MESSAGE_CLASSES = (
     Close,
     Error,
     Event,
+    Status,
 )
 DECODERS: list[Callable[..., tuple[int, Message]]] = [decode, decode_request, decode_reply]
 
@@ -144,6 +146,7 @@ def messages(data_size: int = 2048, max_devices: int = 20) -> st.SearchStrategy[
         hellos(),
         st.builds(Welcome, st.integers(1, U16), u32, names),
         st.just(Enumerate()),
+        st.just(Status()),
         st.builds(Devices, st.lists(device, max_size=max_devices).map(tuple)),
         st.builds(Open, device_id=nonzero_u32),
         st.builds(Open, name=nonempty_names),
@@ -349,7 +352,7 @@ def test_length_mismatch() -> None:
     assert "payload" in rejects(encode(Close(1)) + b"\0")
 
 
-@pytest.mark.parametrize("mtype", [0, 14, 99, 255])
+@pytest.mark.parametrize("mtype", [0, 15, 99, 255])
 def test_unknown_type(mtype: int) -> None:
     assert rejects(frame(mtype)) == f"unknown message type {mtype}"
 

@@ -177,6 +177,13 @@ class Bus:
         self._devices[reply.handle] = dev
         return dev
 
+    async def status(self) -> dict[str, str]:
+        """The daemon's health counters (for the daemon's own uid or root)."""
+        reply = await self._request(protocol.Status())
+        assert isinstance(reply, protocol.Result)
+        pairs = (line.split(" ", 1) for line in reply.data.decode().splitlines() if " " in line)
+        return {key: value for key, value in pairs}
+
     async def close(self) -> None:
         for device in list(self._devices.values()):
             device._release()

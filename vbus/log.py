@@ -8,7 +8,21 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure", "get_logger"]
+__all__ = ["configure", "errors_logged", "get_logger"]
+
+_errors = 0
+
+
+def _count_errors(logger: Any, method: str, event: Any) -> Any:
+    """Count error-level events: the daemon reports the count in its status."""
+    global _errors
+    if method in ("error", "critical", "exception"):
+        _errors += 1
+    return event
+
+
+def errors_logged() -> int:
+    return _errors
 
 
 def configure(fmt: str = "console", level: str = "info", stream: Any = None) -> None:
@@ -19,6 +33,7 @@ def configure(fmt: str = "console", level: str = "info", stream: Any = None) -> 
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
+            _count_errors,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

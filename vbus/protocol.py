@@ -38,6 +38,8 @@ Payloads have no trailing bytes, except that ``data`` takes the rest.
 12  ERROR      s>c  u32 errno, str message                                 0
 13  EVENT      s>c  u16 kind (EventKind), u32 handle (0: session), str     0
                     reason
+14  STATUS     c>s  (empty); the reply is a RESULT of ``key value`` lines   0
+                    (the daemon's own health: loop lag, RSS, fds, ...)
 ==  =========  ===  =====================================================  ===
 
 Field rules, checked both ways: HELLO 1 <= min_version <= max_version; WELCOME
@@ -95,6 +97,7 @@ __all__ = [
     "Result",
     "ServerSession",
     "Shm",
+    "Status",
     "Welcome",
     "clip",
     "decode",
@@ -150,6 +153,7 @@ class MessageType(IntEnum):
     CLOSE = 11
     ERROR = 12
     EVENT = 13
+    STATUS = 14
 
 
 class EventKind(IntEnum):
@@ -167,6 +171,7 @@ CLIENT_TYPES: frozenset[int] = frozenset(
         MessageType.CALL,
         MessageType.SHM,
         MessageType.CLOSE,
+        MessageType.STATUS,
     }
 )
 SERVER_TYPES: frozenset[int] = frozenset(MessageType) - CLIENT_TYPES
@@ -202,6 +207,11 @@ class Welcome:
 @dataclass(frozen=True, slots=True)
 class Enumerate:
     TYPE: ClassVar[int] = MessageType.ENUMERATE
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    TYPE: ClassVar[int] = MessageType.STATUS
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +311,7 @@ Message: TypeAlias = (
     | Close
     | Error
     | Event
+    | Status
 )
 
 
@@ -430,6 +441,10 @@ def _encode_enumerate(msg: Enumerate, seq: int) -> bytes:
     return _frame(MessageType.ENUMERATE, seq, b"")
 
 
+def _encode_status(msg: Status, seq: int) -> bytes:
+    return _frame(MessageType.STATUS, seq, b"")
+
+
 def _encode_devices(msg: Devices, seq: int) -> bytes:
     parts = [_U32.pack(len(msg.devices))]
     for dev in msg.devices:
@@ -510,6 +525,7 @@ _ENCODERS: dict[type, Callable[[Any, int], bytes]] = {
     Close: _encode_close,
     Error: _encode_error,
     Event: _encode_event,
+    Status: _encode_status,
 }
 
 
@@ -602,6 +618,11 @@ def _decode_welcome(buf: _Buffer) -> Welcome:
 def _decode_enumerate(buf: _Buffer) -> Enumerate:
     _Reader(buf, "ENUMERATE").finish()
     return Enumerate()
+
+
+def _decode_status(buf: _Buffer) -> Status:
+    _Reader(buf, "STATUS").finish()
+    return Status()
 
 
 def _decode_devices(buf: _Buffer) -> Devices:
@@ -709,6 +730,7 @@ _DECODERS: dict[int, Callable[[_Buffer], Message]] = {
     MessageType.CLOSE: _decode_close,
     MessageType.ERROR: _decode_error,
     MessageType.EVENT: _decode_event,
+    MessageType.STATUS: _decode_status,
 }
 
 

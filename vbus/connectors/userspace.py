@@ -26,7 +26,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,8 +190,10 @@ class UserspaceConnector:
         loop: asyncio.AbstractEventLoop,
         limits: Limits | None = None,
         tasks: ProcTasks | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.topology = topology
+        self.status = status or (lambda: {})
         self.path = socket_path
         self.loop = loop
         self.limits = limits or Limits()
@@ -359,6 +361,8 @@ class UserspaceConnector:
             self._on_open(peer, seq, msg)
         elif isinstance(msg, protocol.Shm):
             self._on_shm(peer, seq, msg, fds)
+        elif isinstance(msg, protocol.Status):
+            self._on_status(peer, seq)
         elif isinstance(msg, protocol.Close):
             handle = self._handle_of(peer, msg.handle)
             self._close_handle(peer, handle, "closed by the client")
@@ -390,6 +394,14 @@ class UserspaceConnector:
         peer.log = peer.log.bind(bus=bus.name)
         peer.reply(seq, protocol.Welcome(protocol.WIRE_VERSION, peer.id, bus.name))
         peer.log.info("client.ready", client=msg.name)
+
+    def _on_status(self, peer: _Peer, seq: int) -> None:
+        """The daemon's own health, for its administrator only (it counts everyone)."""
+        self._bus_of(peer)
+        if peer.cred.uid not in (0, os.getuid()):
+            raise Denied("daemon status is for the host administrator")
+        lines = "".join(f"{key} {value}\n" for key, value in self.status().items())
+        peer.reply(seq, protocol.Result(lines.encode()))
 
     def _on_open(self, peer: _Peer, seq: int, msg: protocol.Open) -> None:
         bus = self._bus_of(peer)

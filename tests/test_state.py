@@ -1,0 +1,98 @@
+"""The persisted admin state: atomic, durable, refused when damaged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vbus.admin.state import FORMAT_VERSION, StateStore
+from vbus.errors import Invalid
+
+
+def store_of(tmp_path: Path, state: dict[str, Any] | None = None) -> StateStore:
+    current = {"value": 0} if state is None else state
+    return StateStore(tmp_path / "sub" / "state.json", lambda: dict(current))
+
+
+def test_first_start_has_no_state(tmp_path: Path) -> None:
+    assert store_of(tmp_path).load() is None
+
+
+def test_save_then_load_round_trips(tmp_path: Path) -> None:
+    store = store_of(tmp_path)
+    store.save_sync({"buses": {"b0": {"devices": ["x"]}}})
+    assert store.load() == {"buses": {"b0": {"devices": ["x"]}}}
+    document = json.loads(store.path.read_text())
+    assert document["version"] == FORMAT_VERSION
+    assert store.saves == 1
+    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_save_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = store_of(tmp_path)
+    store.save_sync({"a": 1})
+    store.save_sync({"a": 2})
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["state.json"]
+
+
+def test_interrupted_save_leaves_the_old_state_whole(tmp_path: Path) -> None:
+    store = store_of(tmp_path)
+    store.save_sync({"a": 1})
+    # A crash between writing the temporary file and the rename:
+    leftover = store.path.parent / f".{store.path.name}.12345.tmp"
+    leftover.write_text('{"version": 1, "topology": {"a": ')
+    assert store.load() == {"a": 1}
+    assert store.clear_leftovers() == 1
+    assert not leftover.exists()
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b'{"version": 99, "topology": {}}', "unknown format"),
+        (b"[]", "unknown format"),
+        (b'{"version": 1, "topology": []}', "holds no topology"),
+    ],
+)
+def test_damaged_state_is_refused_not_replaced(tmp_path: Path, content: bytes, reason: str) -> None:
+    store = store_of(tmp_path)
+    store.path.parent.mkdir(parents=True)
+    store.path.write_bytes(content)
+    with pytest.raises(Invalid, match=reason):
+        store.load()
+    assert store.path.read_bytes() == content
+
+
+async def test_commits_are_serialised_and_the_last_one_wins(tmp_path: Path) -> None:
+    state = {"value": 0}
+    store = StateStore(tmp_path / "state.json", lambda: dict(state))
+
+    async def change(value: int) -> None:
+        state["value"] = value
+        await store.commit()
+
+    await asyncio.wait_for(asyncio.gather(*(change(i) for i in range(1, 21))), 30)
+    assert store.load() == {"value": 20}
+    assert store.saves == 20
+
+
+def test_fsync_failure_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = store_of(tmp_path)
+    store.save_sync({"a": 1})
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        store.save_sync({"a": 2})
+    monkeypatch.undo()
+    assert store.load() == {"a": 1}
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["state.json"]

@@ -1,0 +1,50 @@
+"""How late the event loop runs: the daemon measures its own lag.
+
+A timer asks to run every ``interval`` seconds; how much later than asked it
+actually runs is the time some callback held the loop.  The last samples are
+kept in a bounded window for percentiles; the worst one is kept since start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+__all__ = ["LoopMonitor"]
+
+
+class LoopMonitor:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, interval: float = 0.05, window: int = 1200
+    ) -> None:
+        self.loop = loop
+        self.interval = interval
+        self.samples: deque[float] = deque(maxlen=window)
+        self.worst = 0.0
+        self._due = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._due = self.loop.time() + self.interval
+        self._handle = self.loop.call_at(self._due, self._tick)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        lag = max(0.0, now - self._due)
+        self.samples.append(lag)
+        if lag > self.worst:
+            self.worst = lag
+        self._due = now + self.interval
+        self._handle = self.loop.call_at(self._due, self._tick)
+
+    def percentile(self, fraction: float) -> float:
+        """Lag in seconds at ``fraction`` (0..1) of the recent window."""
+        if not self.samples:
+            return 0.0
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
