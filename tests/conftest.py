@@ -63,6 +63,8 @@ class Daemon:
     def __init__(self, run_dir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
         self.socket = run_dir / "vbus.sock"
+        self.admin = run_dir / "admin"
+        self.state = run_dir.parent / f"{run_dir.name}.state.json"
         self.log_path = run_dir.parent / f"{run_dir.name}.log"
         self.args = args
         self.env = env
@@ -75,6 +77,8 @@ class Daemon:
             "vbus.daemon",
             "--run-dir",
             str(self.run_dir),
+            "--state",
+            str(self.state),
             "--loop",
             TEST_LOOP,
             "--log-format",
@@ -84,7 +88,8 @@ class Daemon:
             *self.args,
         ]
         env = dict(os.environ if self.env is None else self.env)
-        env.pop("NOTIFY_SOCKET", None) if self.env is None else None
+        if self.env is None:
+            env.pop("NOTIFY_SOCKET", None)
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
@@ -100,6 +105,10 @@ class Daemon:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def admin_mounted(self) -> bool:
+        return '"admin.unavailable"' not in self.log() and os.path.ismount(self.admin)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -120,9 +129,11 @@ class Daemon:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    def mapping_count(self) -> int:
+    def memfd_mappings(self) -> int:
+        """Mappings of client memory (memfds) in the daemon.  (All mappings would
+        also count the allocator's arenas, which come and go on their own.)"""
         with open(f"/proc/{self.pid}/maps") as f:
-            return sum(1 for _ in f)
+            return sum(1 for line in f if "/memfd:" in line)
 
 
 @pytest.fixture

@@ -429,12 +429,13 @@ def test_client_killed_mid_stream_releases_everything(vbusd, tmp_path: Path) -> 
     daemon: Daemon = vbusd()
     # Warm up once so lazily created daemon state is not counted as a leak.
     _run_crasher(daemon, tmp_path)
-    baseline_fds, baseline_maps = daemon.fd_count(), daemon.mapping_count()
+    baseline_fds, baseline_maps = daemon.fd_count(), daemon.memfd_mappings()
+    assert baseline_maps == 0
     for _ in range(3):
         _run_crasher(daemon, tmp_path)
     assert _settles(lambda: daemon.fd_count() == baseline_fds), (daemon.fd_count(), baseline_fds)
-    assert _settles(lambda: daemon.mapping_count() == baseline_maps), (
-        daemon.mapping_count(),
+    assert _settles(lambda: daemon.memfd_mappings() == baseline_maps), (
+        daemon.memfd_mappings(),
         baseline_maps,
     )
     assert daemon.log().count('"client.closed"') >= 4
@@ -451,6 +452,7 @@ def _run_crasher(daemon: Daemon, tmp_path: Path) -> None:
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"streaming\n"
     time.sleep(0.3)  # let it stream
+    assert daemon.memfd_mappings() == 2  # its two rings are mapped in the daemon
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     proc.stdout.close()

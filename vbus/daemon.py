@@ -22,12 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from vbus import __version__
+from vbus.admin.fs import AdminTree
+from vbus.admin.mount import AdminMount, mount_admin_tree
+from vbus.admin.state import StateStore, default_state_path
 from vbus.connectors.userspace import Limits, UserspaceConnector
 from vbus.core.config import apply_config, default_config_text, load_config_text
 from vbus.core.model import Topology
 from vbus.core.registry import Registry
 from vbus.errors import VbusError
-from vbus.log import configure, get_logger
+from vbus.log import configure, errors_logged, get_logger
+from vbus.loopmon import LoopMonitor
 from vbus.paths import default_run_dir
 from vbus.procfs import ProcTasks
 
@@ -60,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="directory for vbus.sock and the lock (default: /run/vbus as root, "
         "else $XDG_RUNTIME_DIR/vbus)",
+    )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="where the admin state is persisted (default: /var/lib/vbus/state.json as "
+        "root, else $XDG_STATE_HOME/vbus/state.json); --config only applies while it "
+        "does not exist yet",
+    )
+    parser.add_argument(
+        "--admin-dir",
+        type=Path,
+        default=None,
+        help="mount point of the admin tree (default: RUN_DIR/admin)",
+    )
+    parser.add_argument(
+        "--no-admin", action="store_true", help="do not mount the admin tree (FUSE)"
     )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--log-format", choices=("console", "json"), default="console")
@@ -112,34 +133,53 @@ async def serve(args: argparse.Namespace) -> int:
     registry = Registry.from_entry_points()
     tasks = ProcTasks()
     topology = Topology(registry, tasks, os.getuid(), boot_id=tasks.boot_id())
-    if args.config is not None:
-        try:
-            text = args.config.read_text()
-        except OSError as exc:
-            raise StartupError(f"cannot read config {args.config}: {exc.strerror}") from None
-        source = str(args.config)
-    else:
-        text, source = default_config_text(), "embedded default"
-    try:
-        apply_config(topology, load_config_text(text, source))
-    except VbusError as exc:
-        raise StartupError(f"bad topology in {source}: {exc.message}") from None
-
     run_dir: Path = args.run_dir or default_run_dir()
     lock = _take_run_dir(run_dir)
+    store = StateStore(args.state or default_state_path(), topology.snapshot)
+    state_lock = _lock_state(store.path)
+    source = _restore(topology, store, args.config)
     sock_path = run_dir / "vbus.sock"
     limits = Limits(
         handshake_timeout=args.handshake_timeout,
         max_connections_per_uid=args.max_connections_per_uid,
         max_pending_per_uid=args.max_pending_per_uid,
     )
-    connector = UserspaceConnector(topology, sock_path, loop, limits, tasks)
+    monitor = LoopMonitor(loop)
+    started = time.monotonic()
+    loop_name = type(loop).__module__.split(".")[0]
+
+    def status() -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "loop": loop_name,
+            "uptime_s": round(time.monotonic() - started, 3),
+            "loop_lag_p50_ms": round(monitor.percentile(0.5) * 1e3, 3),
+            "loop_lag_p99_ms": round(monitor.percentile(0.99) * 1e3, 3),
+            "loop_lag_max_ms": round(monitor.worst * 1e3, 3),
+            "clients": len(connector.peers),
+            "connections": len(topology.connections()),
+            **{f"clients_{key}": value for key, value in connector.counters.items()},
+            "rss_kib": _rss_kib(),
+            "fds": len(os.listdir("/proc/self/fd")),
+            "state_saves": store.saves,
+            "errors_logged": errors_logged(),
+        }
+
+    connector = UserspaceConnector(topology, sock_path, loop, limits, tasks, status)
     try:
         _clear_stale_socket(sock_path)
         connector.start()
     except OSError as exc:
         lock.close()
         raise StartupError(f"cannot serve {sock_path}: {exc.strerror}") from None
+
+    monitor.start()
+
+    admin: AdminMount | None = None
+    if not args.no_admin:
+        tree = AdminTree(topology, store.commit, uid=os.getuid(), gid=os.getgid(), status=status)
+        admin = await mount_admin_tree(tree, args.admin_dir or run_dir / "admin")
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -151,24 +191,72 @@ async def serve(args: argparse.Namespace) -> int:
         pid=os.getpid(),
         socket=str(sock_path),
         config=source,
-        loop=type(loop).__module__.split(".")[0],
+        loop=loop_name,
+        admin=str(admin.path) if admin else None,
+        state=str(store.path),
         buses=[bus.name for bus in topology.buses()],
         devices=len(topology.devices()),
     )
     _sd_notify("READY=1")
-    started = time.monotonic()
     try:
         await stop.wait()
     finally:
         _sd_notify("STOPPING=1")
+        if admin is not None:
+            await admin.unmount()
         connector.stop("daemon stopping")
+        monitor.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         with contextlib.suppress(FileNotFoundError):
             (run_dir / "vbusd.pid").unlink()
         lock.close()
+        state_lock.close()
         log.info("daemon.stopped", uptime=round(time.monotonic() - started, 3))
     return 0
+
+
+def _restore(topology: Topology, store: StateStore, config: Path | None) -> str:
+    """Rebuild the topology from the persisted state, or on a first start from
+    ``config`` (or the embedded default), which is then persisted.  Returns
+    where the topology came from."""
+    try:
+        saved = store.load()
+    except VbusError as exc:
+        raise StartupError(f"{exc.message}; move it away to start from the configuration") from None
+    if store.clear_leftovers():
+        log.info("state.leftovers_removed", state=str(store.path))
+    if saved is not None:
+        try:
+            topology.apply(saved)
+        except VbusError as exc:
+            raise StartupError(f"cannot restore {store.path}: {exc.message}") from None
+        if config is not None:
+            log.info("state.config_ignored", config=str(config), state=str(store.path))
+        log.info(
+            "state.restored",
+            state=str(store.path),
+            buses=len(topology.buses()),
+            devices=len(topology.devices()),
+        )
+        return str(store.path)
+    if config is not None:
+        try:
+            text = config.read_text()
+        except OSError as exc:
+            raise StartupError(f"cannot read config {config}: {exc.strerror}") from None
+        source = str(config)
+    else:
+        text, source = default_config_text(), "embedded default"
+    try:
+        apply_config(topology, load_config_text(text, source))
+    except VbusError as exc:
+        raise StartupError(f"bad topology in {source}: {exc.message}") from None
+    try:
+        store.save_sync(topology.snapshot())
+    except OSError as exc:
+        raise StartupError(f"cannot write state {store.path}: {exc.strerror}") from None
+    return source
 
 
 def _on_signal(stop: asyncio.Event, signum: int) -> None:
@@ -205,6 +293,21 @@ def _take_run_dir(run_dir: Path) -> Any:
     return lock
 
 
+def _lock_state(path: Path) -> Any:
+    """One daemon per state file, whatever its run directory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f".{path.name}.lock", "a+")  # noqa: SIM115 - held until exit
+    except OSError as exc:
+        raise StartupError(f"cannot use state file {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise StartupError(f"another vbusd uses the state file {path}; use --state") from None
+    return lock
+
+
 def _clear_stale_socket(path: Path) -> None:
     """We hold the lock, so a socket file left here belongs to a dead daemon,
     unless something else answers on it."""
@@ -221,6 +324,11 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise StartupError(f"{path} is served by another process; stop it or use --run-dir")
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
 def _read_pid(path: Path) -> int | None:

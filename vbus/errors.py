@@ -21,6 +21,7 @@ __all__ = [
     "NoSpace",
     "NoSuchTask",
     "NotFound",
+    "NotPermitted",
     "NotSupported",
     "ProtocolError",
     "TimedOut",
@@ -69,6 +70,12 @@ class Denied(VbusError, PermissionError):
     errno = _errno.EACCES
 
 
+class NotPermitted(VbusError):
+    """The operation is not possible on this object at all (EPERM), whoever asks."""
+
+    errno = _errno.EPERM
+
+
 class Fault(VbusError):
     """A north context broke the shared-memory rules (bad ring, bad address)."""
 
@@ -114,6 +121,7 @@ _BY_ERRNO: dict[int, type[VbusError]] = {
         Exists,
         Invalid,
         Denied,
+        NotPermitted,
         Fault,
         NoSpace,
         NotSupported,

@@ -22,7 +22,7 @@ __all__ = ["ENTRY_POINT_GROUP", "RESERVED_ATTRIBUTES", "Registry"]
 
 ENTRY_POINT_GROUP = "vbus.deviceclasses"
 # Files the admin tree puts next to a device's attributes.
-RESERVED_ATTRIBUTES = frozenset({"type", "stats"})
+RESERVED_ATTRIBUTES = frozenset({"type", "stats", "id"})
 _KINDS = frozenset({"str", "int", "bool", "choice", "mac"})
 _CLASS_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
