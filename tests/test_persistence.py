@@ -179,3 +179,22 @@ def test_sigkill_during_admin_operations_loses_no_acknowledged_change(vbusd) -> 
         check_acked(daemon.admin, acked)
     assert len(acked) > 20, f"too few operations ran to mean anything: {len(acked)}"
     assert daemon.stop() == 0
+
+
+def test_pid_rules_of_tasks_that_are_gone_are_dropped(vbusd) -> None:
+    require(fuse_available(), "no /dev/fuse: the admin tree needs FUSE")
+    daemon: Daemon = vbusd()
+    require(daemon.admin_mounted, "the admin tree did not mount")
+    child = _long_lived_child()
+    members = daemon.admin / "buses" / "default" / "members"
+    write(members, str(child.pid))
+    assert f"pid:{child.pid}" in read(members).split()
+    child.kill()
+    child.wait()
+    deadline = time.monotonic() + 15
+    while f"pid:{child.pid}" in read(members).split() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"pid:{child.pid}" not in read(members).split()
+    saved = json.loads(daemon.state.read_text())["topology"]["buses"]["default"]["pids"]
+    assert child.pid not in [entry["pid"] for entry in saved]
+    assert '"member.stale_dropped"' in daemon.log()

@@ -181,6 +181,8 @@ async def serve(args: argparse.Namespace) -> int:
         tree = AdminTree(topology, store.commit, uid=os.getuid(), gid=os.getgid(), status=status)
         admin = await mount_admin_tree(tree, args.admin_dir or run_dir / "admin")
 
+    pruner = loop.create_task(_prune_members(topology, store))
+
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, stop, signum)
@@ -202,6 +204,7 @@ async def serve(args: argparse.Namespace) -> int:
         await stop.wait()
     finally:
         _sd_notify("STOPPING=1")
+        pruner.cancel()
         if admin is not None:
             await admin.unmount()
         connector.stop("daemon stopping")
@@ -257,6 +260,17 @@ def _restore(topology: Topology, store: StateStore, config: Path | None) -> str:
     except OSError as exc:
         raise StartupError(f"cannot write state {store.path}: {exc.strerror}") from None
     return source
+
+
+async def _prune_members(topology: Topology, store: StateStore, every: float = 2.0) -> None:
+    """Pid rules of tasks that are gone are dropped (and the drop persisted)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if topology.prune_members():
+                await store.commit()
+        except Exception:
+            log.exception("members.prune_failed")
 
 
 def _on_signal(stop: asyncio.Event, signum: int) -> None:
