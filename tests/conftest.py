@@ -9,6 +9,8 @@ during an async test fails that test.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
 import signal
 import subprocess
@@ -33,10 +35,26 @@ def pytest_asyncio_loop_factories(
     return {"uvloop": uvloop.new_event_loop}
 
 
+ASYNC_TEST_TIMEOUT = float(os.environ.get("VBUS_ASYNC_TEST_TIMEOUT", "60"))
+
+
+def _bounded(test: Callable[..., Any]) -> Callable[..., Any]:
+    """The test coroutine under asyncio.wait_for: a hung await fails the test
+    from inside the loop (a signal-based timeout may not reach into it)."""
+
+    @functools.wraps(test)
+    async def bounded(*args: Any, **kwargs: Any) -> Any:
+        return await asyncio.wait_for(test(*args, **kwargs), ASYNC_TEST_TIMEOUT)
+
+    return bounded
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("asyncio") is not None:
             item.add_marker(pytest.mark.usefixtures("_loop_guard"))
+            if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+                item.obj = _bounded(item.obj)
 
 
 @pytest.fixture

@@ -483,3 +483,59 @@ def test_eventfd_given_to_the_daemon_is_made_nonblocking(vbusd) -> None:
         == protocol.Ok()
     )
     assert fcntl.fcntl(call, fcntl.F_GETFL) & os.O_NONBLOCK
+
+
+async def test_status_reports_the_daemons_health(vbusd) -> None:
+    daemon: Daemon = vbusd()
+    async with connect(daemon.socket) as bus:
+        dev = await bus.open("echo0")
+        tx = await dev.shm(0, "tx", count=64, buf_size=64)
+        rx = await dev.shm(1, "rx", count=64, buf_size=64)
+
+        async def consume() -> int:
+            got = 0
+            while got < 500:
+                got += len(await rx.recv_many(500))
+            return got
+
+        consumer = asyncio.ensure_future(consume())
+        await tx.send_many([b"s" * 32] * 500)
+        assert await asyncio.wait_for(consumer, 10) == 500
+        status = await bus.status()
+    assert int(status["pid"]) == daemon.pid
+    assert int(status["clients"]) == 1
+    assert int(status["connections"]) == 1
+    assert int(status["errors_logged"]) == 0
+    assert float(status["loop_lag_p99_ms"]) >= 0.0
+    assert int(status["rss_kib"]) > 1000
+    assert int(status["fds"]) > 5
+    # Each message crosses two rings: 500 out of tx, 500 into rx.
+    assert int(status["queue_messages"]) == 1000
+    assert int(status["queue_bytes"]) == 2 * 500 * 32
+    sent, suppressed = int(status["queue_signals_sent"]), int(status["queue_signals_suppressed"])
+    assert sent + suppressed > 0
+    assert sent < 100  # mitigated: far fewer south->north signals than messages
+
+
+async def test_without_mitigation_every_message_is_signalled(vbusd) -> None:
+    daemon: Daemon = vbusd()
+    async with connect(daemon.socket) as bus:
+        dev = await bus.open("echo0")
+        tx = await dev.shm(0, "tx", count=64, buf_size=64, mitigation=False)
+        rx = await dev.shm(1, "rx", count=64, buf_size=64, mitigation=False)
+        messages = [i.to_bytes(2, "little") for i in range(300)]
+
+        async def consume() -> list[bytes]:
+            got: list[bytes] = []
+            while len(got) < len(messages):
+                got.extend(await rx.recv_many(64))
+            return got
+
+        consumer = asyncio.ensure_future(consume())
+        await tx.send_many(messages)
+        assert await asyncio.wait_for(consumer, 30) == messages
+        assert tx.signals_sent == len(messages)  # one kick per message sent
+        assert rx.signals_sent >= len(messages)  # one per buffer handed back
+        status = await bus.status()
+        # The south kicks once per message on each ring, too.
+        assert int(status["queue_signals_sent"]) >= 2 * len(messages)

@@ -160,6 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
             "clients": len(connector.peers),
             "connections": len(topology.connections()),
             **{f"clients_{key}": value for key, value in connector.counters.items()},
+            **connector.queue_totals(),
             "rss_kib": _rss_kib(),
             "fds": len(os.listdir("/proc/self/fd")),
             "state_saves": store.saves,

@@ -127,6 +127,7 @@ class IoqSouth:
         *,
         writable: bool,
         max_len: int = DEFAULT_MAX_LEN,
+        mitigate: bool = True,
     ) -> None:
         _check_count(count)
         if offset % 64:
@@ -150,6 +151,7 @@ class IoqSouth:
         self.writable = writable
         self.stats = QueueStats()
         self.max_len = max_len
+        self.mitigate = mitigate
         self.signal = ShmSignal(memory.buf, offset + SIGNAL_OFFSET, SOUTH, transport)
         self._buf = memory.buf
         self._size = memory.size
@@ -312,14 +314,17 @@ class IoqSouth:
 
     # --- notification --------------------------------------------------------
     def kick_north(self) -> bool:
-        if self.signal.notify():
+        if self.signal.notify(force=not self.mitigate):
             self.stats.signals_sent += 1
             return True
         self.stats.signals_suppressed += 1
         return False
 
     def disable_notify(self) -> None:
-        self.signal.disarm()
+        if self.mitigate:
+            self.signal.disarm()
+        else:
+            self.signal.ack()  # stay woken by every kick: no mitigation
 
     def enable_notify(self) -> bool:
         self.signal.arm()

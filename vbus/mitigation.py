@@ -156,7 +156,8 @@ async def wait_for_work(
         try:
             await ready
         finally:
-            loop.remove_reader(transport.fd)
+            if transport.fd >= 0:  # a closed transport was unregistered by its owner
+                loop.remove_reader(transport.fd)
         transport.drain()
         signal.disarm()
         if has_work():

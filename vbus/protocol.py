@@ -45,7 +45,8 @@ Payloads have no trailing bytes, except that ``data`` takes the rest.
 Field rules, checked both ways: HELLO 1 <= min_version <= max_version; WELCOME
 version >= 1; device ids in DEVICES/OPENED and OPENED handles >= 1; SHM count a
 power of two in 1..65536, offset 64-byte aligned, flags only ``SHM_RESUME``
-(bit 0) and ``SHM_WRITABLE`` (bit 1); ERROR errno >= 1; EVENT kind a known EventKind and seq 0.  Handles
+(bit 0), ``SHM_WRITABLE`` (bit 1) and ``SHM_NO_MITIGATION`` (bit 2);
+ERROR errno >= 1; EVENT kind a known EventKind and seq 0.  Handles
 in CALL/SHM/CLOSE are not checked here (an unknown one is the connector's
 NotFound).
 
@@ -76,6 +77,7 @@ __all__ = [
     "SERVER_TYPES",
     "SHM_ALIGN",
     "SHM_MAX_COUNT",
+    "SHM_NO_MITIGATION",
     "SHM_RESUME",
     "SHM_WRITABLE",
     "TEXT_MAX",
@@ -116,7 +118,8 @@ NAME_MAX = 64  # device names, deviceclasses, bus names, client names
 TEXT_MAX = 1024  # error messages and event reasons
 SHM_RESUME = 1  # SHM flag: re-register an existing queue, keeping its ring indexes
 SHM_WRITABLE = 2  # SHM flag: a south->north queue (the south fills the buffers)
-_SHM_FLAGS = SHM_RESUME | SHM_WRITABLE
+SHM_NO_MITIGATION = 4  # SHM flag: signal every message (for comparison; slow)
+_SHM_FLAGS = SHM_RESUME | SHM_WRITABLE | SHM_NO_MITIGATION
 SHM_ALIGN = 64
 SHM_MAX_COUNT = 65536
 MAX_CALL_DATA = MAX_FRAME - HEADER_SIZE - 8

@@ -42,9 +42,6 @@ class QueueStats:
     bytes: int = 0  # payload bytes moved through those buffers
     signals_sent: int = 0  # south -> north kicks that reached the transport
     signals_suppressed: int = 0  # kicks skipped because the north was polling
-    signals_received: int = 0  # north -> south wake-ups
-    polls: int = 0
-    budget_exhausted: int = 0
     stalls: int = 0  # times the south found no buffer to fill (backpressure)
 
     def as_dict(self) -> dict[str, int]:

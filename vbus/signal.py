@@ -121,6 +121,13 @@ class ShmSignal:
         buf[own + _PENDING] = 0
         buf[own + _DIRTY] = 0
 
+    def ack(self) -> None:
+        """Take what was pending but stay armed."""
+        buf = self._buf
+        own = self._own
+        buf[own + _PENDING] = 0
+        buf[own + _DIRTY] = 0
+
     def arm(self) -> None:
         """Ask to be woken.  The caller re-checks its ring after this returns."""
         self._buf[self._own + _ENABLED] = 1
@@ -137,15 +144,19 @@ class ShmSignal:
         return bool(self._buf[self._own + _DIRTY])
 
     # --- towards the other side --------------------------------------------
-    def notify(self) -> bool:
-        """Signal the other side, mitigated.  True if the transport was kicked."""
+    def notify(self, force: bool = False) -> bool:
+        """Signal the other side, mitigated.  True if the transport was kicked.
+
+        ``force`` kicks whatever the other side's flags say: signalling without
+        mitigation, for comparison (``vbus bench``) and for peers that want it.
+        """
         buf = self._buf
         other = self._other
         buf[other + _DIRTY] = 1
         # Expose the published index (stored before this call) before reading
         # the other side's enabled flag: the producer half of the handshake.
         fence()
-        if buf[other + _ENABLED] and not buf[other + _PENDING]:
+        if force or (buf[other + _ENABLED] and not buf[other + _PENDING]):
             buf[other + _PENDING] = 1
             if self.transport is not None:
                 self.transport.kick()

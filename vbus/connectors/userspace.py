@@ -78,6 +78,8 @@ class Limits:
     max_queues: int = 64  # registered queues per peer
     frames_per_wakeup: int = 64  # fairness between peers
     max_outbound: int = 512  # queued frames before a non-reading peer is dropped
+    # ... and queued bytes: 512 frames of up to 64 KiB would let one peer pin 32 MiB.
+    max_outbound_bytes: int = 1 << 20
     max_inflight_calls: int = 64  # asynchronous call()s in progress per peer
     max_region: int = 1 << 30  # bytes per registered memfd
 
@@ -94,11 +96,15 @@ class _Handle:
         self.queues: dict[int, IoqSouth] = {}
         self.resources: list[Any] = []  # regions and transports to close
 
-    def release(self) -> None:
+    def release(self, totals: dict[str, int]) -> None:
+        """Close everything; add its counters to ``totals`` (the connector's)."""
         if self.poller is not None:
+            totals["wakeups"] += self.poller.stats.wakeups
+            totals["polls"] += self.poller.stats.polls
             self.poller.close()
             self.poller = None
         for queue in self.queues.values():
+            _add_queue_stats(totals, queue)
             queue.close()
         self.queues.clear()
         for resource in self.resources:
@@ -120,6 +126,7 @@ class _Peer:
         self.handles: dict[int, _Handle] = {}
         self.queue_count = 0
         self.outbound: deque[bytes] = deque()
+        self.outbound_bytes = 0
         self.writing = False
         self.closed = False
         self.inflight_calls = 0
@@ -142,10 +149,15 @@ class _Peer:
             except OSError as exc:
                 self.connector._drop(self, f"send failed: {exc.strerror}")
                 return
-        if len(self.outbound) >= self.connector.limits.max_outbound:
+        limits = self.connector.limits
+        if (
+            len(self.outbound) >= limits.max_outbound
+            or self.outbound_bytes + len(frame) > limits.max_outbound_bytes
+        ):
             self.connector._drop(self, "peer does not read its replies (outbound queue full)")
             return
         self.outbound.append(frame)
+        self.outbound_bytes += len(frame)
         if not self.writing:
             self.writing = True
             self.connector.loop.add_writer(self.fd, self._flush)
@@ -159,7 +171,7 @@ class _Peer:
             except OSError as exc:
                 self.connector._drop(self, f"send failed: {exc.strerror}")
                 return
-            self.outbound.popleft()
+            self.outbound_bytes -= len(self.outbound.popleft())
         self.writing = False
         self.connector.loop.remove_writer(self.fd)
 
@@ -205,6 +217,7 @@ class UserspaceConnector:
         self._pending_per_uid: dict[int, dict[int, _Peer]] = {}  # uid -> oldest first
         self._peer_ids = 0
         self._accept_paused = False
+        self._retired = dict.fromkeys(_QUEUE_TOTALS, 0)  # counters of closed queues
 
     def _next_peer_id(self) -> int:
         self._peer_ids += 1
@@ -476,8 +489,11 @@ class UserspaceConnector:
             fds[2] = -1
             resources.append(call)
             writable = bool(msg.flags & protocol.SHM_WRITABLE)
+            mitigate = not msg.flags & protocol.SHM_NO_MITIGATION
             try:
-                queue = IoqSouth(region, msg.offset, msg.count, call, writable=writable)
+                queue = IoqSouth(
+                    region, msg.offset, msg.count, call, writable=writable, mitigate=mitigate
+                )
             except Fault as exc:
                 # A ring that is broken from the start faults the connection.
                 peer.error(seq, exc)
@@ -503,6 +519,8 @@ class UserspaceConnector:
             handle.poller = NapiPoller(
                 self.loop, session, lambda exc: self._poll_failed(peer, handle, exc)
             )
+        if not mitigate:
+            handle.poller.budget = 1  # one message per wake-up: no mitigation at all
         handle.poller.watch(kick)
         handle.poller.schedule()
         peer.reply(seq, protocol.Ok())
@@ -547,7 +565,7 @@ class UserspaceConnector:
         if handle is None:
             return
         peer.queue_count -= len(handle.queues)
-        handle.release()
+        handle.release(self._retired)
         peer.event(_EVENT_KINDS.get(kind, protocol.EventKind.DEVICE_REMOVED), handle_id, reason)
         peer.log.info("device.revoked", handle=handle_id, kind=kind, reason=reason)
         if kind == "bus_gone":
@@ -557,7 +575,7 @@ class UserspaceConnector:
         if peer.handles.pop(handle.id, None) is None:
             return
         peer.queue_count -= len(handle.queues)
-        handle.release()
+        handle.release(self._retired)
         self.topology.close(handle.conn, reason)
 
     def _drop(self, peer: _Peer, reason: str, level: str = "warning") -> None:
@@ -576,11 +594,24 @@ class UserspaceConnector:
         if peer.writing:
             self.loop.remove_writer(peer.fd)
         peer.outbound.clear()
+        peer.outbound_bytes = 0
         self.peers.pop(peer.fd, None)
         if level == "warning":
             self.counters["dropped"] += 1
         getattr(peer.log, level)("client.closed", reason=reason)  # before the peer sees EOF
         peer.sock.close()
+
+    def queue_totals(self) -> dict[str, int]:
+        """Ring traffic and signalling of every queue since start, closed ones included."""
+        totals = dict(self._retired)
+        for peer in self.peers.values():
+            for handle in peer.handles.values():
+                if handle.poller is not None:
+                    totals["wakeups"] += handle.poller.stats.wakeups
+                    totals["polls"] += handle.poller.stats.polls
+                for queue in handle.queues.values():
+                    _add_queue_stats(totals, queue)
+        return {f"queue_{key}": value for key, value in totals.items()}
 
     def describe(self) -> list[dict[str, Any]]:
         return [
@@ -594,6 +625,26 @@ class UserspaceConnector:
             }
             for p in self.peers.values()
         ]
+
+
+_QUEUE_TOTALS = (
+    "messages",
+    "bytes",
+    "signals_sent",
+    "signals_suppressed",
+    "stalls",
+    "wakeups",
+    "polls",
+)
+
+
+def _add_queue_stats(totals: dict[str, int], queue: IoqSouth) -> None:
+    stats = queue.stats
+    totals["messages"] += stats.messages
+    totals["bytes"] += stats.bytes
+    totals["signals_sent"] += stats.signals_sent
+    totals["signals_suppressed"] += stats.signals_suppressed
+    totals["stalls"] += stats.stalls
 
 
 class _AlreadyAnswered(Exception):
