@@ -325,18 +325,16 @@ class ClientQueue:
                         break
                     await self._wait(lambda: ring.space() > 0)
             return
-        done = 0
-        total = len(payloads)
+        remaining = payloads
         while True:
             self._check()
-            if done:
-                payloads = payloads[done:]
-                total -= done
-            done = ring.send_many(payloads)
+            done = ring.send_many(remaining)
             if done:
                 ring.signal.notify()
-            if done == total:
-                return
+                if done == len(remaining):
+                    return
+                remaining = remaining[done:]
+                continue
             await self._wait(lambda: ring.space() > 0)
 
     async def recv(self) -> bytes:

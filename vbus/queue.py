@@ -73,6 +73,11 @@ class Queue(Protocol):
 
     def push_many(self, items: Sequence[tuple[Buffer, int]]) -> None: ...
 
+    def read_span(self, budget: int) -> tuple[bytes, list[int]]:
+        """North->south fastest path: up to ``budget`` payloads back to back in
+        one bytes object, and their lengths; all handed back, published once."""
+        ...
+
     def read_many(self, budget: int) -> list[bytes]:
         """North->south fast path: take up to ``budget`` buffers, copy each payload
         out once, hand them all back, publish once."""

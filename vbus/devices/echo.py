@@ -47,12 +47,12 @@ class EchoSession(Session):
             return 0
         counters = self.model.counters
         if self.model.sink:
-            payloads = tx.read_many(budget)
-            if payloads:
-                counters["messages"] += len(payloads)
-                counters["bytes"] += sum(map(len, payloads))
+            data, lens = tx.read_span(budget)
+            if lens:
+                counters["messages"] += len(lens)
+                counters["bytes"] += len(data)
                 tx.kick_north()
-            return len(payloads)
+            return len(lens)
         rx = self.queues.get(QUEUE_RX)
         if rx is None:
             return 0
