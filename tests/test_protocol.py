@@ -674,3 +674,58 @@ def test_negotiate() -> None:
     assert negotiate(Hello(1, U16, "")) == WIRE_VERSION
     with pytest.raises(NotSupported):
         negotiate(Hello(2, 2, ""))
+
+
+# --- the call() hot path agrees with the general decoder ------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 2), st.integers(0, 5))
+def test_split_call_accepts_exactly_what_decode_accepts(
+    garbage: bytes, nfds: int, cut: int
+) -> None:
+    from vbus.protocol import split_call
+
+    frames = [garbage, encode(Call(3, 1, garbage), 7)]
+    frames.append(frames[1][: len(frames[1]) - cut])
+    for raw in frames:
+        fast = split_call(raw, nfds)
+        try:
+            seq, msg = decode_request(raw, nfds)
+        except (ProtocolError, TooBig):
+            assert fast is None
+            continue
+        if isinstance(msg, Call):
+            assert fast == (seq, msg.handle, msg.func, msg.data)
+        else:
+            assert fast is None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 5))
+def test_split_result_accepts_exactly_what_decode_accepts(garbage: bytes, cut: int) -> None:
+    from vbus.protocol import result_frame, split_result
+
+    good = result_frame(9, garbage)
+    assert good == encode(Result(garbage), 9)
+    for raw in (garbage, good, good[: len(good) - cut], good[:1] + b"\x07" + good[2:]):
+        fast = split_result(raw)
+        try:
+            seq, msg = decode_reply(raw)
+        except (ProtocolError, TooBig):
+            assert fast is None
+            continue
+        if isinstance(msg, Result):
+            assert fast == (seq, msg.data)
+        else:
+            assert fast is None
+
+
+def test_call_frame_matches_encode_and_checks_ranges() -> None:
+    from vbus.protocol import call_frame
+
+    assert call_frame(5, 2, 1, b"abc") == encode(Call(2, 1, b"abc"), 5)
+    with pytest.raises(Invalid):
+        call_frame(5, -1, 1, b"")
+    with pytest.raises(TooBig):
+        call_frame(5, 1, 1, b"x" * (MAX_CALL_DATA + 1))

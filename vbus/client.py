@@ -57,7 +57,7 @@ class Bus:
         self._sock = sock
         self._loop = loop
         self._seq = 0
-        self._pending: dict[int, asyncio.Future[protocol.Message]] = {}
+        self._pending: dict[int, asyncio.Future[protocol.Message | bytes]] = {}
         self._devices: dict[int, Device] = {}
         self._closed: VbusError | None = None
         self.events: asyncio.Queue[protocol.Event] = asyncio.Queue(MAX_EVENTS)
@@ -66,13 +66,39 @@ class Bus:
         loop.add_reader(sock.fileno(), self._on_readable)
 
     # --- plumbing ---------------------------------------------------------
+    async def _call(self, handle: int, func: int, data: bytes) -> bytes:
+        """call() round trip: the frames are built and matched without message objects."""
+        if self._closed is not None:
+            raise self._closed
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        seq = self._seq
+        frame = protocol.call_frame(seq, handle, func, data)
+        future: asyncio.Future[protocol.Message | bytes] = self._loop.create_future()
+        self._pending[seq] = future
+        try:
+            try:
+                self._sock.send(frame)
+            except BlockingIOError:
+                await self._send(frame, ())
+            except OSError as exc:
+                self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
+                raise self._closed from None  # type: ignore[misc]
+            reply = await future
+        finally:
+            self._pending.pop(seq, None)
+        if type(reply) is bytes:
+            return reply
+        if isinstance(reply, protocol.Error):
+            raise reply.exception()
+        raise Closed(f"vbusd answered a call with {type(reply).__name__}")
+
     async def _request(self, msg: protocol.Message, fds: Sequence[int] = ()) -> protocol.Message:
         if self._closed is not None:
             raise self._closed
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
         seq = self._seq
         frame = protocol.encode(msg, seq)
-        future: asyncio.Future[protocol.Message] = self._loop.create_future()
+        future: asyncio.Future[protocol.Message | bytes] = self._loop.create_future()
         self._pending[seq] = future
         try:
             await self._send(frame, fds)
@@ -81,7 +107,9 @@ class Bus:
             self._pending.pop(seq, None)
         if isinstance(reply, protocol.Error):
             raise reply.exception()
-        return reply
+        if type(reply) is bytes:
+            return protocol.Result(reply)
+        return reply  # type: ignore[return-value]
 
     async def _send(self, frame: bytes, fds: Sequence[int]) -> None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
@@ -116,6 +144,12 @@ class Bus:
             if not data:
                 self._lost(Closed("vbusd closed the connection"))
                 return
+            result = protocol.split_result(data)
+            if result is not None:  # the call() hot path
+                future = self._pending.get(result[0])
+                if future is not None and not future.done():
+                    future.set_result(result[1])
+                continue
             try:
                 seq, msg = protocol.decode_reply(data, 0)
             except VbusError as exc:
@@ -209,9 +243,7 @@ class Device:
     async def call(self, func: int, data: bytes = b"") -> bytes:
         if self.error is not None:
             raise self.error
-        reply = await self.bus._request(protocol.Call(self.handle, func, data))
-        assert isinstance(reply, protocol.Result)
-        return reply.data
+        return await self.bus._call(self.handle, func, data)
 
     async def shm(
         self,

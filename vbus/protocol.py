@@ -101,6 +101,7 @@ __all__ = [
     "Shm",
     "Status",
     "Welcome",
+    "call_frame",
     "clip",
     "decode",
     "decode_reply",
@@ -109,6 +110,9 @@ __all__ = [
     "error_reply",
     "negotiate",
     "peek_seq",
+    "result_frame",
+    "split_call",
+    "split_result",
 ]
 
 WIRE_VERSION = 1
@@ -794,6 +798,51 @@ def decode_request(frame: bytes | bytearray | memoryview, nfds: int = 0) -> tupl
 def decode_reply(frame: bytes | bytearray | memoryview, nfds: int = 0) -> tuple[int, Message]:
     """Like :func:`decode`, for the client: only daemon-to-client types are accepted."""
     return _decode(frame, nfds, SERVER_TYPES)
+
+
+# --- the call() hot path -----------------------------------------------------------
+# call() is a round trip of two small frames; building and matching dataclasses
+# for them costs more than the rest of the Python work.  These helpers accept
+# exactly the frames ``decode`` accepts for CALL/RESULT and answer None for
+# anything else, so the caller falls back to ``decode`` (which names the fault).
+
+
+def split_call(frame: bytes, nfds: int = 0) -> tuple[int, int, int, bytes] | None:
+    """(seq, handle, func, data) of a well-formed CALL, else None."""
+    if nfds or len(frame) < HEADER_SIZE + 8 or frame[1] != _T_CALL:
+        return None
+    version, _, flags, seq, length, reserved, handle, func = _CALL_FRAME.unpack_from(frame)
+    if version != WIRE_VERSION or flags or reserved or length != len(frame) - HEADER_SIZE:
+        return None
+    return seq, handle, func, frame[HEADER_SIZE + 8 :]
+
+
+def split_result(frame: bytes, nfds: int = 0) -> tuple[int, bytes] | None:
+    """(seq, data) of a well-formed RESULT, else None."""
+    if nfds or len(frame) < HEADER_SIZE or frame[1] != _T_RESULT:
+        return None
+    version, _, flags, seq, length, reserved = _HEADER.unpack_from(frame)
+    if version != WIRE_VERSION or flags or reserved or length != len(frame) - HEADER_SIZE:
+        return None
+    return seq, frame[HEADER_SIZE:]
+
+
+def call_frame(seq: int, handle: int, func: int, data: bytes) -> bytes:
+    """``encode(Call(handle, func, data), seq)`` without the dataclass."""
+    if len(data) > MAX_CALL_DATA:
+        raise TooBig(f"CALL data of {len(data)} bytes exceeds {MAX_CALL_DATA}")
+    try:
+        head = _CALL_FRAME.pack(WIRE_VERSION, _T_CALL, 0, seq, len(data) + 8, 0, handle, func)
+    except struct.error:
+        raise Invalid(f"CALL field out of range: seq {seq}, handle {handle}, func {func}") from None
+    return head + bytes(data)
+
+
+def result_frame(seq: int, data: bytes) -> bytes:
+    """``encode(Result(data), seq)`` without the dataclass."""
+    if len(data) > MAX_RESULT_DATA:
+        raise TooBig(f"RESULT data of {len(data)} bytes exceeds {MAX_RESULT_DATA}")
+    return _HEADER.pack(WIRE_VERSION, _T_RESULT, 0, seq, len(data), 0) + data
 
 
 def peek_seq(frame: bytes | bytearray | memoryview) -> int:

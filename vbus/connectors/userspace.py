@@ -55,6 +55,8 @@ __all__ = ["Limits", "UserspaceConnector"]
 
 log = get_logger("vbus.userspace")
 
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # plain ints: IntFlag arithmetic is slow
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 MAX_FDS = 8  # ancillary space: more than any message takes, so excess is detected
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _PEERCRED = struct.Struct("3i")
@@ -335,16 +337,20 @@ class UserspaceConnector:
             except OSError as exc:
                 self._drop(peer, f"receive failed: {exc.strerror}", level="info")
                 return
-            fds = _take_fds(ancdata)
+            fds = _take_fds(ancdata) if ancdata else []
             if not data and not fds:
                 self._drop(peer, "peer closed the connection", level="info")
                 return
             try:
-                if flags & socket.MSG_TRUNC:
+                if flags & _MSG_TRUNC:
                     raise TooBig(f"message larger than {protocol.MAX_FRAME} bytes")
-                if flags & socket.MSG_CTRUNC or len(fds) > 3:
+                if flags & _MSG_CTRUNC or len(fds) > 3:
                     raise ProtocolError("too many file descriptors in one message")
-                self._dispatch(peer, data, fds)
+                call = protocol.split_call(data, len(fds)) if peer.bus is not None else None
+                if call is not None:
+                    self._on_call(peer, *call)  # the hot path: no message objects
+                else:
+                    self._dispatch(peer, data, fds)
             except VbusError as exc:
                 if isinstance(exc, ProtocolError | TooBig):
                     # The byte stream itself is wrong: say why, then hang up.
@@ -360,7 +366,7 @@ class UserspaceConnector:
     def _dispatch(self, peer: _Peer, data: bytes, fds: list[int]) -> None:
         seq, msg = peer.session.receive(data, len(fds))
         if isinstance(msg, protocol.Call):
-            self._on_call(peer, seq, msg)
+            self._on_call(peer, seq, msg.handle, msg.func, msg.data)
         elif isinstance(msg, protocol.Hello):
             self._on_hello(peer, seq, msg)
         elif isinstance(msg, protocol.Enumerate):
@@ -434,21 +440,23 @@ class UserspaceConnector:
         )
         peer.log.info("device.opened", handle=handle_id, device=device.name)
 
-    def _on_call(self, peer: _Peer, seq: int, msg: protocol.Call) -> None:
-        handle = self._handle_of(peer, msg.handle)
+    def _on_call(self, peer: _Peer, seq: int, handle_id: int, func: int, data: bytes) -> None:
+        handle = peer.handles.get(handle_id) or self._handle_of(peer, handle_id)
         conn = handle.conn
         session = conn.session
         assert session is not None
         conn.calls += 1
         try:
-            result = session.call(msg.func, msg.data)
+            result = session.call(func, data)
         except VbusError:
             raise
         except Exception as exc:
             self._device_bug(peer, handle, exc)
             raise Fault("the device failed this call") from None
-        if isinstance(result, bytes | bytearray):
-            peer.reply(seq, protocol.Result(bytes(result)))
+        if type(result) is bytes:
+            peer.send(protocol.result_frame(seq, result))
+        elif isinstance(result, bytes | bytearray):
+            peer.send(protocol.result_frame(seq, bytes(result)))
         elif inspect.isawaitable(result):
             if peer.inflight_calls >= self.limits.max_inflight_calls:
                 raise Busy("too many calls in progress")
