@@ -247,16 +247,24 @@ class IoqSouth:
         ptrs = words[_PTR::4].tolist()
         lens = words[_LEN::4].tolist()
         words.release()
-        if (
-            raw[_FLAG_VALID::DESC_SIZE] != _ONES[:n]
-            or raw[_FLAG_SOWN::DESC_SIZE] != _ONES[:n]
-            or max(lens) > self.max_len
-        ):
+        if raw[_FLAG_VALID::DESC_SIZE] != _ONES[:n] or raw[_FLAG_SOWN::DESC_SIZE] != _ONES[:n]:
             self._find_culprit(raw, first, n)
         buf = self._buf
         start = ptrs[0]
-        end = start + sum(lens)
-        if end <= self._size and ptrs == list(accumulate(lens[:-1], initial=start)):
+        length = lens[0]
+        if length and lens.count(length) == n:
+            # The usual stream: equal lengths, so contiguity is a comparison
+            # against a range (all in C) and one length check covers them all.
+            if length > self.max_len:
+                self._find_culprit(raw, first, n)
+            end = start + length * n
+            contiguous = end <= self._size and ptrs == list(range(start, end, length))
+        else:
+            if max(lens) > self.max_len:
+                self._find_culprit(raw, first, n)
+            end = start + sum(lens)
+            contiguous = end <= self._size and ptrs == list(accumulate(lens[:-1], initial=start))
+        if contiguous:
             data: bytes = buf[start:end]  # type: ignore[assignment]
         else:
             if max(map(add, ptrs, lens)) > self._size:
@@ -404,11 +412,9 @@ class IoqNorth:
         self.reaped = 0
         # Transmit packs messages back to back in the data area, used as a byte
         # ring: one join and one copy per batch, and the south can take the
-        # whole span at once.  ``_starts[slot]`` is where each posted message
-        # begins (free-running), so the oldest one in flight bounds the free space.
+        # whole span at once.  The oldest descriptor in flight marks its tail.
         self._data_size = min(len(buf) - data_offset, (count + 1) * buf_size)
         self._head = 0
-        self._starts = [0] * count
 
     def completed(self) -> int:
         """Descriptors the south has handed back and we have not reaped."""
@@ -442,45 +448,64 @@ class IoqNorth:
         self.reaped = inuse  # transmit completions only free space
         batch = payloads if n == len(payloads) else payloads[:n]
         lens = list(map(len, batch))
-        if max(lens) > self.buf_size:
-            raise TooBig(f"message of {max(lens)} bytes exceeds the {self.buf_size}-byte buffers")
+        first = lens[0]
+        uniform = lens.count(first) == n
+        longest = first if uniform else max(lens)
+        if longest > self.buf_size:
+            raise TooBig(f"message of {longest} bytes exceeds the {self.buf_size}-byte buffers")
         size = self._data_size
-        tail = self._starts[inuse & self._mask] if in_flight else self._head
+        used = self._data_used(inuse, in_flight)
         posted = 0
         while posted < n:
-            free = size - (self._head - tail)
             pos = self._head % size
-            room = min(size - pos, free)
+            room = min(size - pos, size - used)
             chunk = lens[posted:] if posted else lens
-            total = sum(chunk)
+            total = first * len(chunk) if uniform else sum(chunk)
             if total > room:
                 ends = list(accumulate(chunk))
                 fit = bisect_right(ends, room)
                 if fit == 0:
-                    if free - (size - pos) < chunk[0]:
+                    if size - used - (size - pos) < chunk[0]:
                         break  # the south has not freed enough yet
-                    self._head += size - pos  # skip the end of the area: wrap to 0
+                    used += size - pos  # skip the end of the area: wrap to 0
+                    self._head += size - pos
                     continue
                 chunk = chunk[:fit]
                 total = ends[fit - 1]
             count = len(chunk)
             addr = self._data + pos
             self._buf[addr : addr + total] = b"".join(batch[posted : posted + count])
-            self._store_descriptors(
-                posted,
-                array("Q", accumulate(chunk[:-1], initial=addr)),
-                array("Q", chunk),
-                list(accumulate(chunk[:-1], initial=self._head)),
-            )
+            if uniform and first:  # equal lengths: the pointers are a range (built in C)
+                ptrs = array("Q", range(addr, addr + total, first))
+            else:
+                ptrs = array("Q", accumulate(chunk[:-1], initial=addr))
+            self._store_descriptors(posted, ptrs, array("Q", chunk))
             self._head += total
+            used += total
             posted += count
         if posted:
             self._publish(posted)
         return posted
 
-    def _store_descriptors(
-        self, skip: int, ptrs: array[int], lens: array[int], starts: list[int]
-    ) -> None:
+    def _data_used(self, inuse: int, in_flight: int) -> int:
+        """Bytes of the data area held by descriptors in flight: from where the
+        oldest one starts (its ``ptr``, which we wrote) to where the next goes."""
+        if not in_flight:
+            return 0
+        size = self._data_size
+        tail = self._dq[(inuse & self._mask) * 4 + _PTR] - self._data
+        used = (self._head % size - tail) % size
+        if used == 0:
+            # Full, or every message in flight is empty: their lengths decide.
+            first = inuse & self._mask
+            end = first + in_flight
+            lens = self._dq[first * 4 + _LEN : min(end, self.count) * 4 : 4].tolist()
+            if end > self.count:
+                lens += self._dq[_LEN : (end - self.count) * 4 : 4].tolist()
+            return size if sum(lens) else 0
+        return used
+
+    def _store_descriptors(self, skip: int, ptrs: array[int], lens: array[int]) -> None:
         """ptr and len of the descriptors from ``valid + skip`` on, strided stores."""
         dq = self._dq
         n = len(lens)
@@ -488,11 +513,9 @@ class IoqNorth:
         head = min(n, self.count - first)
         dq[first * 4 + _PTR : (first + head) * 4 : 4] = ptrs[:head]
         dq[first * 4 + _LEN : (first + head) * 4 : 4] = lens[:head]
-        self._starts[first : first + head] = starts[:head]
         if head < n:
             dq[_PTR : (n - head) * 4 : 4] = ptrs[head:]
             dq[_LEN : (n - head) * 4 : 4] = lens[head:]
-            self._starts[: n - head] = starts[head:]
 
     def post_empty(self, n: int) -> None:
         """Post ``n`` empty buffers for the south to fill (south->north queue)."""
