@@ -129,38 +129,42 @@ class Bus:
                 raise self._closed from None  # type: ignore[misc]
 
     def _on_readable(self) -> None:
-        while self._closed is None:
-            try:
-                data, ancdata, _flags, _ = self._sock.recvmsg(protocol.MAX_FRAME, _CMSG_SPACE)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
-                return
-            for level, kind, payload in ancdata:  # the daemon sends none; never leak any
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
-                        os.close(fd)
-            if not data:
-                self._lost(Closed("vbusd closed the connection"))
-                return
-            result = protocol.split_result(data)
-            if result is not None:  # the call() hot path
-                future = self._pending.get(result[0])
-                if future is not None and not future.done():
-                    future.set_result(result[1])
-                continue
-            try:
-                seq, msg = protocol.decode_reply(data, 0)
-            except VbusError as exc:
-                self._lost(Closed(f"vbusd sent a malformed message: {exc.message}"))
-                return
-            if isinstance(msg, protocol.Event):
-                self._on_event(msg)
-                continue
-            future = self._pending.get(seq)
+        # One frame per wake-up: a reply is usually alone, and reading on until
+        # EAGAIN would cost a failed syscall and an exception per call().  The
+        # loop calls again while more is queued.
+        if self._closed is not None:
+            return
+        try:
+            data, ancdata, _flags, _ = self._sock.recvmsg(protocol.MAX_FRAME, _CMSG_SPACE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
+            return
+        for level, kind, payload in ancdata:  # the daemon sends none; never leak any
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                    os.close(fd)
+        if not data:
+            self._lost(Closed("vbusd closed the connection"))
+            return
+        result = protocol.split_result(data)
+        if result is not None:  # the call() hot path
+            future = self._pending.get(result[0])
             if future is not None and not future.done():
-                future.set_result(msg)
+                future.set_result(result[1])
+            return
+        try:
+            seq, msg = protocol.decode_reply(data, 0)
+        except VbusError as exc:
+            self._lost(Closed(f"vbusd sent a malformed message: {exc.message}"))
+            return
+        if isinstance(msg, protocol.Event):
+            self._on_event(msg)
+            return
+        pending = self._pending.get(seq)
+        if pending is not None and not pending.done():
+            pending.set_result(msg)
 
     def _on_event(self, event: protocol.Event) -> None:
         if event.handle:

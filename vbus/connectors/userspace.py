@@ -78,7 +78,7 @@ class Limits:
     max_pending_per_uid: int = 256
     max_handles: int = 256  # open devices per peer
     max_queues: int = 64  # registered queues per peer
-    frames_per_wakeup: int = 64  # fairness between peers
+    frames_per_wakeup: int = 1  # per loop iteration: peers take turns frame by frame
     max_outbound: int = 512  # queued frames before a non-reading peer is dropped
     # ... and queued bytes: 512 frames of up to 64 KiB would let one peer pin 32 MiB.
     max_outbound_bytes: int = 1 << 20
