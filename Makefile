@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit system-deps clean
+.PHONY: run test lint typecheck unit system-deps clean bench fuzz
 
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
@@ -32,6 +32,23 @@ typecheck: $(STAMP)
 test: system-deps $(STAMP) lint typecheck
 	VBUS_TEST_LOOP=uvloop $(PY) -m pytest -q $(PYTEST_ARGS)
 	VBUS_TEST_LOOP=asyncio $(PY) -m pytest -q -m 'asyncio or integration' $(PYTEST_ARGS)
+
+## bench: side-by-side benchmarks (never part of make test); ARGS="--quick --json F --plot F.png"
+bench: $(STAMP) $(VENV)/.bench-installed
+	$(VENV)/bin/vbus bench $(ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+## fuzz: every parser of north input, FUZZ_SECONDS per target (atheris if it installs, else hypothesis)
+FUZZ_SECONDS ?= 120
+fuzz: $(STAMP) $(VENV)/.fuzz-installed
+	$(PY) -m vbus.soak.fuzz --seconds $(FUZZ_SECONDS) $(ARGS)
+
+$(VENV)/.fuzz-installed: pyproject.toml
+	$(PY) -m pip install --quiet -e '.[fuzz]' || echo "atheris did not install: fuzzing with hypothesis"
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 from vbus import __version__
 from vbus.client import connect
@@ -28,7 +29,114 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("device", help="device name or numeric id")
     call.add_argument("func", type=int, help="function number")
     call.add_argument("data", nargs="?", default="", help="request data (UTF-8 text)")
+    _add_soak(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_soak(sub: Any) -> None:
+    soak = sub.add_parser(
+        "soak",
+        help="prove the daemon keeps serving good clients next to misbehaving ones",
+        description="Start a daemon in a temporary run directory (or attach to one), run "
+        "good clients alone for a baseline, then next to misbehaving ones, and check the "
+        "bounds.  Exit status 1 when a bound is broken.",
+    )
+    soak.add_argument(
+        "--duration", type=float, default=60.0, help="seconds of baseline + misbehaving"
+    )
+    soak.add_argument("--good", type=int, default=8, help="good clients (tasks in one process)")
+    soak.add_argument(
+        "--bad", default="all", help="all, a connector, or a comma-separated list of misbehaviours"
+    )
+    soak.add_argument("--json", type=Path, help="write every figure to this file")
+    soak.add_argument("--attach", type=Path, metavar="SOCKET", help="use a running daemon")
+    soak.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    soak.add_argument(
+        "--rate", type=float, default=10000.0, help="messages/s each good client offers"
+    )
+    soak.add_argument("--device", default="echo0", help="the echo device to use")
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    soak.add_argument("--list", action="store_true", help="list the misbehaviours and exit")
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from vbus.soak.catalogue import catalogue, select
+    from vbus.soak.runner import SoakConfig, run_soak
+
+    if args.list:
+        for cls in catalogue():
+            print(f"{cls.name:<15} {cls.connector:<10} {cls.expect:<12} {cls.summary}")
+        return 0
+    try:
+        select(args.bad)
+    except ValueError as exc:
+        print(f"vbus: {exc}", file=sys.stderr)
+        return 2
+    cfg = SoakConfig(
+        duration=args.duration,
+        good=args.good,
+        bad=args.bad,
+        json_path=args.json,
+        attach=args.attach,
+        loop=args.loop,
+        rate=args.rate,
+        device=args.device,
+        seed=args.seed,
+        keep=args.keep,
+    )
+    if args.loop == "uvloop":
+        import uvloop
+
+        return int(uvloop.run(run_soak(cfg)))
+    return asyncio.run(run_soak(cfg))
+
+
+def _add_bench(sub: Any) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark vbus side by side with what users would pick instead",
+        description="Runs every comparison in this run, alternating the sides for several "
+        "rounds (each run a fresh process, the vbus side against a daemon of its own), and "
+        "prints medians and ratios of medians.  Exit status 1 only if a run crashed.",
+    )
+    bench.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
+    bench.add_argument("--rounds", type=int, help="rounds per variant (default 3; 1 with --quick)")
+    bench.add_argument("--only", default="", help="comma-separated subjects (default: all)")
+    bench.add_argument("--json", type=Path, help="write every figure and the machine to FILE")
+    bench.add_argument("--plot", type=Path, help="bar chart of the ratios to FILE.png")
+    bench.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    bench.add_argument("--duration", type=float, help="seconds per streaming run")
+    bench.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every run into DIR")
+    bench.add_argument("--list", action="store_true", help="list the subjects and exit")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vbus.bench import BenchConfig, discover, run_bench
+
+    if args.list:
+        for subject in discover():
+            variants = ", ".join(v.name for v in subject.variants)
+            print(f"{subject.name:<12} {subject.title}\n{'':<12} variants: {variants}")
+        return 0
+    config = BenchConfig(
+        quick=args.quick,
+        rounds=args.rounds,
+        only=tuple(name for name in args.only.split(",") if name),
+        json_path=args.json,
+        plot_path=args.plot,
+        loop=args.loop,
+        duration=args.duration,
+        profile_dir=args.profile,
+    )
+    try:
+        return run_bench(config, ["vbus", *(sys.argv[1:])])
+    except (ValueError, RuntimeError) as exc:
+        print(f"vbus: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 async def _devices(args: argparse.Namespace) -> int:
@@ -55,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "soak":
+        return _soak(args)
+    if args.command == "bench":
+        return _bench(args)
     handler = {"devices": _devices, "call": _call}[args.command]
     try:
         return asyncio.run(handler(args))

@@ -343,7 +343,7 @@ class UserspaceConnector:
                 return
             try:
                 if flags & _MSG_TRUNC:
-                    raise TooBig(f"message larger than {protocol.MAX_FRAME} bytes")
+                    raise _OversizedFrame(f"message larger than {protocol.MAX_FRAME} bytes")
                 if flags & _MSG_CTRUNC or len(fds) > 3:
                     raise ProtocolError("too many file descriptors in one message")
                 call = protocol.split_call(data, len(fds)) if peer.bus is not None else None
@@ -352,7 +352,7 @@ class UserspaceConnector:
                 else:
                     self._dispatch(peer, data, fds)
             except VbusError as exc:
-                if isinstance(exc, ProtocolError | TooBig):
+                if isinstance(exc, ProtocolError | _OversizedFrame):
                     # The byte stream itself is wrong: say why, then hang up.
                     peer.error(protocol.peek_seq(data), exc)
                     self._drop(peer, f"protocol violation: {exc.message}")
@@ -653,6 +653,10 @@ def _add_queue_stats(totals: dict[str, int], queue: IoqSouth) -> None:
     totals["signals_sent"] += stats.signals_sent
     totals["signals_suppressed"] += stats.signals_suppressed
     totals["stalls"] += stats.stalls
+
+
+class _OversizedFrame(TooBig):
+    """A datagram past the frame limit: the byte stream is wrong, not a request."""
 
 
 class _AlreadyAnswered(Exception):

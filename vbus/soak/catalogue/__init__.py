@@ -1,0 +1,171 @@
+"""The catalogue of bad behaviour: one small class per misbehaviour, one module per connector.
+
+A ``Misbehaviour`` does one bad thing once (``run``) against a daemon and
+reports an ``Outcome``: what the daemon did about it, whether that was the
+reaction the design promises (``expect``), how long it took to notice
+(from the moment of the bad act to the fault / error / disconnect the client
+sees) and whether what the bad client held was given back.  The soak repeats
+every selected behaviour with a pause between instances; the tests run each
+one once next to a good client.
+
+Extension point: a connector's catalogue is a module here that exports
+``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
+``_MODULES``.  Hostile KVM guests (``kvm.py``) and hostile domUs
+(``xen.py``) go next to ``userspace.py`` when those connectors exist; their
+``Context`` needs are added as optional fields below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import random
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeAlias
+
+__all__ = [
+    "CONNECTORS",
+    "Context",
+    "Expect",
+    "Misbehaviour",
+    "Outcome",
+    "Unexpected",
+    "catalogue",
+    "run_instance",
+    "select",
+]
+
+Expect: TypeAlias = Literal[
+    "fault",  # the device connection is faulted (FAULT event / EFAULT), the socket stays
+    "error",  # a clear ERROR reply; the connection stays usable
+    "disconnect",  # ERROR (when it can be said) and the daemon hangs up
+    "denied",  # NotFound / Denied with no hint of what exists elsewhere
+    "backpressure",  # the device stops taking from the stalled client, loses nothing
+    "absorbed",  # well-formed but abusive: served correctly, others unaffected
+    "reclaimed",  # the client dies: the daemon releases everything it held
+]
+
+# connector -> module with its CATALOGUE, in the order of the report
+_MODULES: dict[str, str] = {"userspace": "vbus.soak.catalogue.userspace"}
+CONNECTORS: tuple[str, ...] = tuple(_MODULES)
+
+
+class Unexpected(Exception):
+    """The daemon reacted, but not as the design promises (a finding)."""
+
+
+@dataclass
+class Context:
+    """What a misbehaviour needs to know about the daemon under test."""
+
+    socket: Path
+    device: str = "echo0"  # an echo device on the bad client's bus
+    hidden: tuple[str, ...] = ()  # devices that exist, but on other buses
+    cap_safe: bool = False  # per-uid caps may be hit without locking out anyone else
+    stranger: bool = False  # not the daemon's administrator: STATUS must be denied
+    handshake_timeout: float = 5.0
+    max_pending_per_uid: int = 256
+    max_connections_per_uid: int = 1024
+    timeout: float = 10.0  # longest wait for any reaction
+    seed: int = 0
+    # Resolves detections only the daemon's log can time (a SIGKILLed client
+    # sees nothing): returns the log text, or None where it is not readable.
+    read_log: Callable[[], str] | None = None
+    rng: random.Random = field(init=False)
+    gate: asyncio.Lock = field(init=False)  # connects vs. bursts of half-open sockets
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.gate = asyncio.Lock()
+
+
+@dataclass
+class Outcome:
+    behaviour: str
+    ok: bool  # the promised reaction was observed, nothing worse happened
+    reaction: str  # what the daemon did, in a few words, with its reason
+    detect_s: float | None = None  # bad act -> reaction, as seen by the client
+    faults: int = 0  # faults / errors / disconnects / refusals dealt to the bad client
+    reclaimed: bool | None = None  # what it held was released (None: not observable here)
+    detail: str = ""
+    started: float = 0.0  # time.time() at the start of the instance
+    pending: dict[str, Any] | None = None  # left for the runner to resolve (see Crash)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Misbehaviour:
+    """One kind of bad client.  Subclasses set the class attributes and ``run``."""
+
+    name: ClassVar[str]
+    connector: ClassVar[str]
+    expect: ClassVar[Expect]
+    summary: ClassVar[str]
+    pause: ClassVar[float] = 0.5  # between two instances in a soak (keeps bad clients light)
+
+    async def run(self, ctx: Context) -> Outcome:
+        raise NotImplementedError
+
+    def outcome(self, ok: bool, reaction: str, **fields: Any) -> Outcome:
+        return Outcome(self.name, ok, reaction, **fields)
+
+
+async def run_instance(behaviour: Misbehaviour, ctx: Context) -> Outcome:
+    """Run one instance, bounded in time; whatever goes wrong becomes a failed Outcome."""
+    started = time.time()
+    try:
+        async with asyncio.timeout(ctx.timeout * 3):
+            outcome = await behaviour.run(ctx)
+    except Unexpected as exc:
+        outcome = behaviour.outcome(False, "unexpected reaction", detail=str(exc))
+    except TimeoutError:
+        outcome = behaviour.outcome(False, "no reaction in time", detail="instance timed out")
+    except Exception as exc:
+        outcome = behaviour.outcome(
+            False, "client error", detail=f"{type(exc).__name__}: {exc} at {_where(exc)}"[:500]
+        )
+    outcome.started = started
+    return outcome
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost catalogue line an exception went through (what the bad client was doing)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/soak/catalogue/" in f.filename] or frames
+    return f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].line}"
+
+
+def catalogue(connector: str | None = None) -> tuple[type[Misbehaviour], ...]:
+    """Every misbehaviour (of one connector, or of all), in report order."""
+    names = CONNECTORS if connector is None else (connector,)
+    found: list[type[Misbehaviour]] = []
+    for name in names:
+        module = importlib.import_module(_MODULES[name])
+        found.extend(module.CATALOGUE)
+    return tuple(found)
+
+
+def select(spec: str) -> tuple[type[Misbehaviour], ...]:
+    """``all``, a connector name, or a comma-separated list of behaviour names."""
+    everything = catalogue()
+    by_name = {cls.name: cls for cls in everything}
+    chosen: list[type[Misbehaviour]] = []
+    for word in (part.strip() for part in spec.split(",")):
+        if not word:
+            continue
+        if word == "all":
+            picked: tuple[type[Misbehaviour], ...] = everything
+        elif word in CONNECTORS:
+            picked = catalogue(word)
+        elif word in by_name:
+            picked = (by_name[word],)
+        else:
+            known = ", ".join(["all", *CONNECTORS, *by_name])
+            raise ValueError(f"unknown misbehaviour {word!r} (known: {known})")
+        chosen.extend(cls for cls in picked if cls not in chosen)
+    return tuple(chosen)

@@ -1,0 +1,343 @@
+"""Fuzz targets for every parser of north input, and ``make fuzz``.
+
+Each target takes one byte string, the input format of every coverage-guided
+fuzzer, and raises AssertionError (or anything unexpected) on a finding:
+
+- ``wire``: one frame through ``decode``/``decode_request``/``decode_reply``
+  with any fd count.  Only ProtocolError / TooBig may escape, whatever
+  decodes re-encodes to the very same bytes (the format has one spelling),
+  and the CALL/RESULT fast paths (``split_call``/``split_result``) agree
+  with the full decoders on every frame.
+- ``session``: a sequence of frames, valid, mutated and raw, through a
+  ``ServerSession``: only protocol errors escape, HELLO is taken exactly once
+  and first, a failed handshake closes the session for good.
+- ``ring``: a descriptor ring whose header, indexes and descriptors are
+  patched from the input before and between operations, served by
+  ``IoqSouth``: only Fault / Invalid escape, the memory never grows, the
+  south's view of pending work stays within the ring.
+
+``python -m vbus.soak.fuzz [--seconds N] [--engine atheris|hypothesis] [TARGET...]``
+runs each target for N seconds: with atheris (libFuzzer, coverage-guided) when
+it is installed (``pip install -e '.[fuzz]'``), else with hypothesis and a
+large example budget.  Crashes land in ``fuzz-artifacts/``; each one found
+becomes a regression test in tests/test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from vbus import protocol
+from vbus.errors import Fault, Invalid, NotSupported, ProtocolError, TooBig, VbusError
+from vbus.ioq import IoqNorth, IoqSouth, pool_layout
+from vbus.memory import BufferMemory
+from vbus.queue import Buffer
+
+__all__ = ["TARGETS", "main", "ring_target", "session_target", "wire_target"]
+
+
+# --- wire -------------------------------------------------------------------------
+
+
+def wire_target(data: bytes) -> None:
+    if not data:
+        return
+    control, frame = data[0], data[1:]
+    nfds = control % 5
+    _fast_paths_agree(frame, nfds)
+    decoder = (protocol.decode, protocol.decode_request, protocol.decode_reply)[(control >> 3) % 3]
+    try:
+        seq, msg = decoder(frame, nfds)
+    except (ProtocolError, TooBig):
+        return
+    again = protocol.encode(msg, seq)
+    assert again == frame, f"{msg!r} re-encodes differently"
+    assert protocol.peek_seq(frame) == seq
+    assert nfds == protocol.FD_COUNT[msg.TYPE]
+
+
+def _fast_paths_agree(frame: bytes, nfds: int) -> None:
+    """``split_call`` (the daemon's hot path) and ``split_result`` (the client's)
+    accept exactly the CALL / RESULT frames the full decoders accept, with the
+    same fields.  Frames over MAX_FRAME never reach them (the socket read is
+    capped and truncation is refused first)."""
+    if len(frame) > protocol.MAX_FRAME:
+        return
+    try:
+        seq, msg = protocol.decode_request(frame, nfds)
+        slow_call = (seq, msg.handle, msg.func, msg.data) if type(msg) is protocol.Call else None
+    except (ProtocolError, TooBig):
+        slow_call = None
+    assert protocol.split_call(frame, nfds) == slow_call, "split_call disagrees with decode"
+    try:
+        seq, msg = protocol.decode_reply(frame, nfds)
+        slow_result = (seq, msg.data) if type(msg) is protocol.Result else None
+    except (ProtocolError, TooBig):
+        slow_result = None
+    assert protocol.split_result(frame, nfds) == slow_result, "split_result disagrees"
+
+
+# --- session ------------------------------------------------------------------------
+
+_TEMPLATES: tuple[Callable[[bytes], protocol.Message], ...] = (
+    lambda b: protocol.Hello(1 + b[0] % 2, 1 + b[1] % 3, b[2:10].hex()),
+    lambda b: protocol.Enumerate(),
+    lambda b: protocol.Status(),
+    lambda b: protocol.Open(name=b[:8].hex()) if b[0] & 1 else protocol.Open(device_id=b[1] or 1),
+    lambda b: protocol.Call(b[0], b[1], b[2:]),
+    lambda b: protocol.Shm(b[0], b[1], 64 * b[2], 1 << (b[3] % 17), b[4] % 4),
+    lambda b: protocol.Close(b[0]),
+)
+
+
+def _frames(data: bytes) -> Iterator[tuple[bytes, int]]:
+    """Cut ``data`` into (frame, nfds): each piece is a template message, a
+    mutated one, or raw bytes, so the fuzzer reaches past the handshake."""
+    pos = 0
+    while pos + 2 <= len(data):
+        control, size = data[pos], data[pos + 1]
+        chunk = data[pos + 2 : pos + 2 + size].ljust(12, b"\0")
+        pos += 2 + size
+        nfds = (control >> 4) % 4
+        kind = control % 4
+        if kind == 3:
+            yield chunk, nfds
+            continue
+        msg = _TEMPLATES[(control >> 2) % len(_TEMPLATES)](chunk)
+        try:
+            frame = bytearray(protocol.encode(msg, chunk[0]))
+        except VbusError:
+            continue
+        nfds = protocol.FD_COUNT[msg.TYPE] if kind == 0 else nfds
+        if kind == 1 and frame:  # flip one bit
+            bit = chunk[1] * 256 + chunk[2]
+            frame[(bit // 8) % len(frame)] ^= 1 << (bit % 8)
+        elif kind == 2:  # cut it short
+            del frame[chunk[3] % len(frame) :]
+        yield bytes(frame), nfds
+
+
+def session_target(data: bytes) -> None:
+    session = protocol.ServerSession()
+    hellos = 0
+    for frame, nfds in _frames(data):
+        before = session.state
+        try:
+            _seq, msg = session.receive(frame, nfds)
+        except (ProtocolError, TooBig, NotSupported):
+            if before == "await_hello":
+                assert session.state == "closed", "a failed handshake left the session open"
+            else:
+                assert session.state == before, "an error changed a ready session"
+            continue
+        assert before != "closed", "a closed session accepted a frame"
+        assert msg.TYPE in protocol.CLIENT_TYPES
+        if before == "await_hello":
+            assert type(msg) is protocol.Hello and session.state == "ready"
+            assert session.version == protocol.WIRE_VERSION
+            hellos += 1
+        else:
+            assert type(msg) is not protocol.Hello, "HELLO accepted twice"
+    assert hellos <= 1
+
+
+# --- ring ------------------------------------------------------------------------------
+
+R_COUNT, R_BUF = 8, 32
+R_DATA, _ = pool_layout(R_COUNT, R_BUF)
+R_SIZE = R_DATA + R_COUNT * R_BUF
+_PATCH_SPOTS = (0, 4, 8, 16, 24, 28, 64, 128, *(192 + 32 * i + f for i in range(R_COUNT) for f in (8, 16, 24, 25)))  # fmt: skip
+
+
+class _Bytes:
+    """Reads the fuzzer's input front to back; zeros once it runs out."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk.ljust(n, b"\0")
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    @property
+    def left(self) -> bool:
+        return self.pos < len(self.data)
+
+
+def _patch(buf: bytearray, src: _Bytes) -> None:
+    spot = _PATCH_SPOTS[src.byte() % len(_PATCH_SPOTS)]
+    size = 1 + src.byte() % 8
+    end = min(spot + size, R_SIZE)
+    buf[spot:end] = src.take(end - spot)
+
+
+def ring_target(data: bytes) -> None:
+    src = _Bytes(data)
+    setup = src.byte()
+    writable = bool(setup & 1)
+    start = (0, R_COUNT - 1, 0xFFFFFFFE)[(setup >> 1) % 3]
+    buf = bytearray(R_SIZE)
+    north = IoqNorth(buf, 0, R_COUNT, R_DATA, R_BUF, None)
+    struct.pack_into("<II", buf, 64, start, 0)
+    struct.pack_into("<I", buf, 128, start)
+    north.valid = north.reaped = start
+    posted = (setup >> 3) % (R_COUNT + 1)
+    if writable:
+        north.post_empty(posted)
+    else:
+        north.send_many([bytes([i]) * (i + 1) for i in range(posted)])
+    north.close()
+    for _ in range(src.byte() % 4):
+        _patch(buf, src)
+    memory = BufferMemory(buf)
+    try:
+        south = IoqSouth(memory, 0, R_COUNT, None, writable=writable, max_len=R_BUF)
+    except (Fault, Invalid):
+        assert len(buf) == R_SIZE
+        memory.release()
+        return
+    popped: list[Buffer] = []
+    try:
+        while src.left:
+            op = src.byte()
+            if op & 0x80:
+                _patch(buf, src)
+            arg = op % (R_COUNT + 2)
+            kind = (op >> 4) % 8
+            try:
+                if kind == 0:
+                    assert 0 <= south.pending() <= R_COUNT
+                elif kind == 1 and not popped and not writable:
+                    got = south.read_many(arg)
+                    assert all(len(m) <= R_BUF for m in got)
+                elif kind == 2 and not popped and writable:
+                    payloads = [bytes([0xA0 + i]) * (5 * i) for i in range(arg)]
+                    assert 0 <= south.write_many(payloads) <= len(payloads)
+                elif kind == 3:
+                    popped += south.pop_many(arg)
+                    assert len(popped) <= R_COUNT
+                elif kind == 4 and popped:
+                    items = [(b, min(arg, b.length) if writable else 0) for b in popped]
+                    south.push_many(items)
+                    popped.clear()
+                elif kind == 5:
+                    south.kick_north()
+                elif kind == 6:
+                    south.enable_notify()
+                else:
+                    south.disable_notify()
+            except (Fault, Invalid):
+                assert len(buf) == R_SIZE
+                return
+            assert len(buf) == R_SIZE, "the south wrote past the end of the memory"
+    finally:
+        south.close()
+        memory.release()
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "wire": wire_target,
+    "session": session_target,
+    "ring": ring_target,
+}
+
+
+# --- make fuzz ---------------------------------------------------------------------------
+
+
+def _run_atheris(name: str, seconds: float, artifacts: Path) -> int:
+    atheris = importlib.import_module("atheris")  # optional: the `fuzz` extra
+    target = TARGETS[name]
+    atheris.instrument_all()
+    artifacts.mkdir(exist_ok=True)
+    atheris.Setup(
+        [sys.argv[0], f"-max_total_time={int(seconds)}", f"-artifact_prefix={artifacts}/{name}-"],
+        target,
+    )
+    atheris.Fuzz()
+    return 0  # pragma: no cover - Fuzz() exits the process
+
+
+def _run_hypothesis(name: str, seconds: float) -> int:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    target = TARGETS[name]
+    deadline = time.monotonic() + seconds
+    runs = 0
+
+    @settings(
+        max_examples=10**9,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.binary(max_size=4096))
+    def fuzz(data: bytes) -> None:
+        nonlocal runs
+        runs += 1
+        if time.monotonic() > deadline:
+            raise _Enough()
+        target(data)
+
+    try:
+        fuzz()
+    except _Enough:
+        pass
+    print(f"{name}: {runs} hypothesis examples in {seconds:.0f} s, nothing found")
+    return 0
+
+
+class _Enough(Exception):
+    """The time budget is spent."""
+
+
+def engine_available() -> str:
+    return "atheris" if importlib.util.find_spec("atheris") is not None else "hypothesis"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vbus.soak.fuzz", description=__doc__)
+    parser.add_argument("targets", nargs="*", help=f"some of {', '.join(TARGETS)} (default: all)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="per target")
+    parser.add_argument("--engine", choices=("atheris", "hypothesis"), default=None)
+    parser.add_argument("--artifacts", type=Path, default=Path("fuzz-artifacts"))
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    engine = args.engine or engine_available()
+    names = args.targets or list(TARGETS)
+    unknown = [name for name in names if name not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    if args.one:  # a child process: atheris owns the process until it exits
+        if engine == "atheris":
+            return _run_atheris(names[0], args.seconds, args.artifacts)
+        return _run_hypothesis(names[0], args.seconds)
+    failed = []
+    for name in names:
+        print(f"== fuzz {name} with {engine} for {args.seconds:.0f} s", flush=True)
+        cmd = [sys.executable, "-m", "vbus.soak.fuzz", "--one", "--engine", engine]
+        cmd += ["--seconds", str(args.seconds), "--artifacts", str(args.artifacts), name]
+        if subprocess.call(cmd) != 0:
+            failed.append(name)
+    if failed:
+        print(f"findings in: {', '.join(failed)} (see {args.artifacts}/)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

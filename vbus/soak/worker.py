@@ -1,0 +1,207 @@
+"""The soak's client processes: ``python -m vbus.soak.worker good|bad ...``.
+
+Good clients all live in one process (tasks), misbehaving ones in another, so
+the bad ones cannot slow the good ones down on the client side except through
+the CPU they take, which they keep small.  A worker reports on stdout, one JSON
+object per line, and stops when its stdin says ``stop`` or closes (so it never
+outlives the soak):
+
+- good: ``ready``, then a ``tick`` every ``--report`` seconds (cumulative
+  counters, latency samples since the last tick), ``final`` after draining.
+- bad: ``ready``, an ``outcome`` per misbehaviour instance, ``final``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vbus.soak.catalogue import Context, Misbehaviour, catalogue, run_instance, select
+from vbus.soak.good import GoodClient
+
+__all__ = ["main"]
+
+
+def emit(kind: str, **fields: Any) -> None:
+    sys.stdout.write(json.dumps({"type": kind, "t": time.monotonic(), **fields}) + "\n")
+    sys.stdout.flush()
+
+
+def _watch_stdin(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data or b"stop" in data:
+            loop.remove_reader(0)
+            stop.set()
+
+    os.set_blocking(0, False)
+    loop.add_reader(0, readable)
+
+
+async def run_good(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _watch_stdin(stop)
+    clients = [
+        GoodClient(
+            i + 1,
+            args.socket,
+            args.device,
+            rate=args.rate,
+            call_interval=args.call_interval,
+        )
+        for i in range(args.clients)
+    ]
+    lag_us: list[int] = []
+    lag_task = asyncio.ensure_future(_measure_lag(lag_us))
+    try:
+        await asyncio.gather(*(client.start() for client in clients))
+        emit("ready", clients=len(clients), pid=os.getpid())
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.report)
+            _tick(clients, lag_us)
+        await asyncio.gather(*(client.stop() for client in clients))
+        _tick(clients, lag_us)
+        failures = [repr(exc) for c in clients if (exc := c.failed()) is not None]
+        emit("final", clients=[c.report() for c in clients], failures=failures)
+    finally:
+        lag_task.cancel()
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+    return 0
+
+
+async def _measure_lag(samples: list[int], interval: float = 0.005) -> None:
+    """The good clients' own event-loop lag: how late a timer fires in this
+    process.  It separates latency the daemon causes from CPU this machine lacks."""
+    while True:
+        due = time.monotonic() + interval
+        await asyncio.sleep(interval)
+        samples.append(int((time.monotonic() - due) * 1e6))
+
+
+def _tick(clients: list[GoodClient], lag_us: list[int]) -> None:
+    totals: dict[str, int] = {}
+    calls: list[int] = []
+    ring: list[int] = []
+    for client in clients:
+        for key, value in client.stats.counters().items():
+            totals[key] = totals.get(key, 0) + value
+        c, r = client.take_latencies()
+        calls += c
+        ring += r
+    failures = [repr(exc) for c in clients if (exc := c.failed()) is not None]
+    lags = lag_us[:]
+    lag_us.clear()
+    emit("tick", **totals, call_lat_us=calls, ring_lat_us=ring, lag_us=lags, failures=failures)
+
+
+async def run_bad(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    _watch_stdin(stop)
+    ctx = Context(
+        socket=args.socket,
+        device=args.device,
+        hidden=tuple(h for h in args.hidden.split(",") if h),
+        cap_safe=args.own_uid,
+        stranger=args.own_uid,
+        handshake_timeout=args.handshake_timeout,
+        max_pending_per_uid=args.max_pending_per_uid,
+        max_connections_per_uid=args.max_connections_per_uid,
+        timeout=args.timeout,
+        seed=args.seed,
+    )
+    behaviours = select(args.bad)
+    emit("ready", behaviours=[cls.name for cls in behaviours], pid=os.getpid(), uid=os.getuid())
+    rng = random.Random(args.seed)
+
+    async def keep_doing(cls: type[Misbehaviour]) -> None:
+        with contextlib.suppress(TimeoutError):  # stagger the starts
+            await asyncio.wait_for(stop.wait(), rng.uniform(0.0, 1.0))
+        while not stop.is_set():
+            outcome = await run_instance(cls(), ctx)
+            emit("outcome", **outcome.as_dict())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), cls.pause * rng.uniform(0.5, 1.5))
+
+    tasks = [asyncio.ensure_future(keep_doing(cls)) for cls in behaviours]
+    await stop.wait()
+    # Let every instance in progress finish (each is bounded), then stop.
+    done, pending = await asyncio.wait(tasks, timeout=args.timeout * 3 + 5)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception()]
+    emit("final", unfinished=len(pending), errors=errors)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vbus.soak.worker")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--as-uid", type=int, help="drop root privileges to this uid first")
+    sub = parser.add_subparsers(dest="role", required=True)
+    good = sub.add_parser("good")
+    good.add_argument("--socket", type=Path, required=True)
+    good.add_argument("--device", default="echo0")
+    good.add_argument("--clients", type=int, default=8)
+    good.add_argument("--rate", type=float, default=10000.0)
+    good.add_argument("--call-interval", type=float, default=0.01)
+    good.add_argument("--report", type=float, default=0.25)
+    bad = sub.add_parser("bad")
+    bad.add_argument("--socket", type=Path, required=True)
+    bad.add_argument("--device", default="echo0")
+    bad.add_argument("--bad", default="all")
+    bad.add_argument("--hidden", default="")
+    bad.add_argument("--own-uid", action="store_true")
+    bad.add_argument("--handshake-timeout", type=float, default=5.0)
+    bad.add_argument("--max-pending-per-uid", type=int, default=256)
+    bad.add_argument("--max-connections-per-uid", type=int, default=1024)
+    bad.add_argument("--timeout", type=float, default=10.0)
+    bad.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def drop_privileges(uid: int) -> None:
+    """Become ``uid`` (group ``uid``, no supplementary groups) for good.
+
+    The interpreter may live where ``uid`` cannot read (a root-only pyenv), so
+    everything imported lazily later is imported now."""
+    import concurrent.futures.thread  # noqa: F401 - uvloop imports it on first use
+
+    import uvloop  # noqa: F401
+
+    catalogue()  # imports every connector's catalogue module
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.as_uid is not None:
+        drop_privileges(args.as_uid)
+    runner = run_good if args.role == "good" else run_bad
+    if args.loop == "uvloop":
+        import uvloop
+
+        return int(uvloop.run(runner(args)))
+    return asyncio.run(runner(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
