@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -39,7 +39,6 @@ from vbus.signal import EventfdTransport
 
 __all__ = ["Bus", "ClientQueue", "Device", "connect", "default_socket_path"]
 
-_CMSG_SPACE = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 MAX_EVENTS = 1024
 
 
@@ -135,16 +134,14 @@ class Bus:
         if self._closed is not None:
             return
         try:
-            data, ancdata, _flags, _ = self._sock.recvmsg(protocol.MAX_FRAME, _CMSG_SPACE)
+            # The daemon never sends descriptors, so plain recv: were any sent,
+            # the kernel would drop (close) them rather than hand them to us.
+            data = self._sock.recv(protocol.MAX_FRAME)
         except BlockingIOError:
             return
         except OSError as exc:
             self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
             return
-        for level, kind, payload in ancdata:  # the daemon sends none; never leak any
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
-                    os.close(fd)
         if not data:
             self._lost(Closed("vbusd closed the connection"))
             return
@@ -244,10 +241,11 @@ class Device:
         self.queues: dict[int, ClientQueue] = {}
         self.error: VbusError | None = None
 
-    async def call(self, func: int, data: bytes = b"") -> bytes:
+    def call(self, func: int, data: bytes = b"") -> Awaitable[bytes]:
+        """Synchronous request/reply: ``await dev.call(func, data)``."""
         if self.error is not None:
             raise self.error
-        return await self.bus._call(self.handle, func, data)
+        return self.bus._call(self.handle, func, data)
 
     async def shm(
         self,
