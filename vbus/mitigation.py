@@ -22,7 +22,7 @@ from vbus.signal import EventfdTransport, ShmSignal
 
 __all__ = ["DEFAULT_BUDGET", "NapiPoller", "Pollable", "PollerStats", "wait_for_work"]
 
-DEFAULT_BUDGET = 128
+DEFAULT_BUDGET = 256
 
 
 class Pollable(Protocol):
