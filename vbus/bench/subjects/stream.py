@@ -456,13 +456,19 @@ def _zmq_ipc(params: Params) -> Figures:
     def consumer(channel: Channel, params: Params) -> None:
         context = zmq.Context()
         pull = context.socket(zmq.PULL)
+        # A run now and then never sees the end marker; give up after 10 s of
+        # silence and let the shortfall show as ``lost`` instead of hanging.
+        pull.setsockopt(zmq.RCVTIMEO, 10_000)
         pull.bind(endpoint)
         recv = pull.recv
         count = 0
         channel.send({"ready": True})
         cpu0 = time.process_time()
-        while len(recv()) == size:
-            count += 1
+        try:
+            while len(recv()) == size:
+                count += 1
+        except zmq.Again:
+            pass
         _finish(channel, count, cpu0)
         pull.close()
         context.term()
@@ -488,7 +494,9 @@ def _zmq_ipc(params: Params) -> Figures:
         return sent
 
     try:
-        return _measure(consumer, produce, params)
+        # PUSH/PULL here drops the odd message (or the end marker) now and then:
+        # counted as lost, like iceoryx2, rather than failing the run.
+        return _measure(consumer, produce, params, lossy=True)
     finally:
         path.unlink(missing_ok=True)
         path.parent.rmdir()
