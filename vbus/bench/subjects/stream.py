@@ -177,6 +177,23 @@ def _payload(params: Params) -> bytes:
     return b"\xa5" * int(params["size"])
 
 
+def _send_until_deadline(send: Any, params: Params) -> int:
+    """One send per message, a batch at a time, until the run's duration is
+    up; then the end marker.  Returns how many messages were sent."""
+    messages = [_payload(params)] * params["batch"]
+    clock = time.perf_counter
+    deadline = clock() + params["duration"]
+    sent = 0
+    while True:
+        for message in messages:
+            send(message)
+        sent += len(messages)
+        if clock() >= deadline:
+            break
+    send(END)
+    return sent
+
+
 # --- ceiling: the ioq code in two bare processes ---------------------------------
 
 
@@ -378,19 +395,7 @@ def _seqpacket(params: Params) -> Figures:
 
     def produce(params: Params) -> int:
         theirs.close()
-        messages = [_payload(params)] * params["batch"]
-        send = ours.send
-        clock = time.perf_counter
-        deadline = clock() + params["duration"]
-        sent = 0
-        while True:
-            for message in messages:
-                send(message)
-            sent += len(messages)
-            if clock() >= deadline:
-                break
-        send(END)
-        return sent
+        return _send_until_deadline(ours.send, params)
 
     try:
         return _measure(consumer, produce, params)
@@ -420,19 +425,7 @@ def _mp_pipe(params: Params) -> Figures:
 
     def produce(params: Params) -> int:
         theirs.close()
-        messages = [_payload(params)] * params["batch"]
-        send_bytes = ours.send_bytes
-        clock = time.perf_counter
-        deadline = clock() + params["duration"]
-        sent = 0
-        while True:
-            for message in messages:
-                send_bytes(message)
-            sent += len(messages)
-            if clock() >= deadline:
-                break
-        send_bytes(END)
-        return sent
+        return _send_until_deadline(ours.send_bytes, params)
 
     try:
         return _measure(consumer, produce, params)
@@ -477,18 +470,7 @@ def _zmq_ipc(params: Params) -> Figures:
         context = zmq.Context()
         push = context.socket(zmq.PUSH)
         push.connect(endpoint)
-        messages = [_payload(params)] * params["batch"]
-        send = push.send
-        clock = time.perf_counter
-        deadline = clock() + params["duration"]
-        sent = 0
-        while True:
-            for message in messages:
-                send(message)
-            sent += len(messages)
-            if clock() >= deadline:
-                break
-        send(END)
+        sent = _send_until_deadline(push.send, params)
         push.close()  # lingers until the queue is delivered
         context.term()
         return sent
