@@ -7,12 +7,13 @@ loop exception handler that records: an error escaping into the loop is a failur
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
-from vbus.mitigation import NapiPoller, wait_for_work
+from vbus.mitigation import NapiPoller, PollGroup, wait_for_work
 from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, EventfdTransport, ShmSignal
 
 T = TypeVar("T")
@@ -272,6 +273,77 @@ async def test_close_between_budget_polls(harness: Callable[..., Harness]) -> No
     await until(lambda: h.target.polls >= 3)
     await bounded(asyncio.sleep(0.05))
     assert h.target.polls == 3  # the poll it had scheduled was cancelled
+
+
+# --- PollGroup: many pollers on one loop ---------------------------------------------
+
+
+class Busy:
+    """A pollable that always has a full budget of work and takes ``cost`` seconds a poll."""
+
+    def __init__(self, name: str, log: list[str], cost: float = 0.0) -> None:
+        self.name = name
+        self.log = log
+        self.cost = cost
+
+    def quiesce(self) -> None:
+        pass
+
+    def poll(self, budget: int) -> int:
+        self.log.append(self.name)
+        if self.cost:
+            end = time.perf_counter() + self.cost
+            while time.perf_counter() < end:
+                pass
+        return budget
+
+    def rearm(self) -> bool:
+        return True
+
+
+async def test_group_polls_busy_pollers_round_robin() -> None:
+    loop = asyncio.get_running_loop()
+    group = PollGroup(loop, time_slice=10.0)  # no slice cut: one pass per iteration
+    log: list[str] = []
+    pollers = [NapiPoller(loop, Busy(n, log), pytest.fail, group=group) for n in "abc"]
+    for p in pollers:
+        p.schedule()
+    await spin(4)
+    for p in pollers:
+        p.close()
+    assert len(log) >= 9
+    # Every pass polls each poller once, in the same order.
+    assert log[: len(log) // 3 * 3] == ["a", "b", "c"] * (len(log) // 3)
+    n = len(log)
+    await spin()
+    assert len(log) == n
+
+
+async def test_group_gives_the_loop_back_within_its_time_slice() -> None:
+    """64 always-busy connections of >= 0.5 ms a poll, a 2 ms slice: the loop
+    gets control back after at most 5 polls (not after a 32 ms pass), and
+    every connection gets its turns."""
+    loop = asyncio.get_running_loop()
+    group = PollGroup(loop, time_slice=0.002)
+    log: list[str] = []
+    pollers = [
+        NapiPoller(loop, Busy(str(i), log, cost=0.0005), pytest.fail, group=group)
+        for i in range(64)
+    ]
+    for p in pollers:
+        p.schedule()
+    try:
+        per_iteration: list[int] = []
+        while len(log) < 2 * 64:
+            before = len(log)
+            await asyncio.sleep(0)
+            per_iteration.append(len(log) - before)
+    finally:
+        for p in pollers:
+            p.close()
+    assert max(per_iteration) <= 5, per_iteration
+    assert group.slices_cut >= 20
+    assert log[:128] == [str(i) for i in range(64)] * 2  # round robin: nobody starves
 
 
 # --- wait_for_work (north) -------------------------------------------------------------

@@ -63,6 +63,7 @@ _M32 = 0xFFFFFFFF
 _HEAD = struct.Struct("<IIII")
 _DESC = struct.Struct("<QQQBB6x")
 _ONES = b"\x01" * MAX_COUNT
+_COPY_EACH = 2048  # send_many: messages this long on average are copied one by one
 _ZEROS = bytes(MAX_COUNT)
 DEFAULT_MAX_LEN = 256 * 1024
 
@@ -112,6 +113,18 @@ def _stride_store(
             :head
         ]
         buf[base + field : base + (n - head) * DESC_SIZE : DESC_SIZE] = fill[: n - head]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading items ``a`` and ``b`` share (both non-empty, a[0] == b[0])."""
+    lo, hi = 1, min(len(a), len(b))
+    while lo < hi:  # a[:lo] == b[:lo] holds; a[:hi + 1] differs (or is all)
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class IoqSouth:
@@ -228,12 +241,16 @@ class IoqSouth:
         self.stats.messages += n
 
     # --- batch fast paths ----------------------------------------------------
-    def read_span(self, budget: int) -> tuple[bytes, list[int]]:
+    def read_span(self, budget: int, gather: bool = False) -> tuple[bytes, list[int]]:
         """North->south fast path: up to ``budget`` messages as one bytes object
         (their payloads back to back) and their lengths; all handed back.
 
         When the north packed them contiguously (the client library does),
-        that is one bounds check and one copy for the whole batch."""
+        that is one bounds check and one copy for the whole batch.  Where
+        the north's data area wraps, the span stops (when what comes before
+        is at least half the batch; the rest is the next span).  ``gather``
+        takes all ``budget`` messages, joining pieces where they lie apart.
+        """
         if self.writable:
             raise Invalid("read_span on a queue the south fills")
         if self._cursor != self._inuse:
@@ -247,24 +264,33 @@ class IoqSouth:
         ptrs = words[_PTR::4].tolist()
         lens = words[_LEN::4].tolist()
         words.release()
+        length = lens[0]
+        uniform = length and lens.count(length) == n
         if raw[_FLAG_VALID::DESC_SIZE] != _ONES[:n] or raw[_FLAG_SOWN::DESC_SIZE] != _ONES[:n]:
             self._find_culprit(raw, first, n)
         buf = self._buf
         start = ptrs[0]
-        length = lens[0]
-        if length and lens.count(length) == n:
+        if uniform:
             # The usual stream: equal lengths, so contiguity is a comparison
             # against a range (all in C) and one length check covers them all.
             if length > self.max_len:
                 self._find_culprit(raw, first, n)
-            end = start + length * n
-            contiguous = end <= self._size and ptrs == list(range(start, end, length))
+            expected = list(range(start, start + length * n, length))
         else:
             if max(lens) > self.max_len:
                 self._find_culprit(raw, first, n)
-            end = start + sum(lens)
-            contiguous = end <= self._size and ptrs == list(accumulate(lens[:-1], initial=start))
-        if contiguous:
+            expected = list(accumulate(lens[:-1], initial=start))
+        if ptrs != expected and n > 1 and not gather:
+            # Where the north's data area wraps the batch stops being one
+            # span: take the contiguous part when it is most of the batch (the
+            # rest is the next call's span), else gather the pieces below.
+            k = _common_prefix(ptrs, expected)
+            if 2 * k >= n:
+                n = k
+                raw = raw[: n * DESC_SIZE]
+                del ptrs[n:], lens[n:], expected[n:]
+        end = expected[-1] + lens[-1]
+        if ptrs == expected and end <= self._size:
             data: bytes = buf[start:end]  # type: ignore[assignment]
         else:
             if max(map(add, ptrs, lens)) > self._size:
@@ -277,7 +303,7 @@ class IoqSouth:
 
     def read_many(self, budget: int) -> list[bytes]:
         """North->south: up to ``budget`` payloads, each copied out once."""
-        data, lens = self.read_span(budget)
+        data, lens = self.read_span(budget, gather=True)
         if not lens:
             return []
         first = lens[0]
@@ -474,7 +500,15 @@ class IoqNorth:
                 total = ends[fit - 1]
             count = len(chunk)
             addr = self._data + pos
-            self._buf[addr : addr + total] = b"".join(batch[posted : posted + count])
+            if total >= _COPY_EACH * count:
+                # Large messages: each is copied straight into place (a join
+                # would copy every byte twice).
+                buf, at = self._buf, addr
+                for payload, length in zip(batch[posted : posted + count], chunk, strict=True):
+                    buf[at : at + length] = payload
+                    at += length
+            else:
+                self._buf[addr : addr + total] = b"".join(batch[posted : posted + count])
             if uniform and first:  # equal lengths: the pointers are a range (built in C)
                 ptrs = array("Q", range(addr, addr + total, first))
             else:

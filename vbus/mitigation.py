@@ -5,7 +5,9 @@ with its queues).  On a signal it disables notifications, drains up to a
 budget, yields to the event loop when the budget runs out (fairness between
 connections), and otherwise re-enables, fences and re-checks: if work slipped
 in meanwhile it polls again instead of sleeping.  A misbehaving north can at
-worst keep its own poller busy one budget per loop iteration.
+worst keep its own poller busy one budget per loop iteration.  The pollers of
+a loop share a ``PollGroup``: round robin, and a time slice per iteration, so
+that many busy connections together cannot hold the loop either.
 
 North: ``wait_for_work`` is the same handshake for the client library:
 arm, fence, re-check, then sleep on the transport.
@@ -14,15 +16,27 @@ arm, fence, re-check, then sleep on the transport.
 from __future__ import annotations
 
 import asyncio
+import time
+import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from vbus.signal import EventfdTransport, ShmSignal
 
-__all__ = ["DEFAULT_BUDGET", "NapiPoller", "Pollable", "PollerStats", "wait_for_work"]
+__all__ = [
+    "DEFAULT_BUDGET",
+    "DEFAULT_SLICE",
+    "NapiPoller",
+    "PollGroup",
+    "Pollable",
+    "PollerStats",
+    "wait_for_work",
+]
 
-DEFAULT_BUDGET = 256
+DEFAULT_BUDGET = 256  # messages per poll
+DEFAULT_SLICE = 0.001  # seconds of polling per loop iteration, all pollers together
 
 
 class Pollable(Protocol):
@@ -55,11 +69,62 @@ class PollerStats:
         }
 
 
+class PollGroup:
+    """Shares one event loop's time between the pollers that have work.
+
+    Ready pollers wait in a round-robin queue; one loop callback polls them in
+    turn, each at most once per loop iteration, and stops early when its time
+    slice is spent, so that timers, sockets and the other callbacks of the
+    loop run at least every ``time_slice`` seconds however many connections
+    stream at once (the ``netdev_budget_usecs`` of Linux's NAPI).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, time_slice: float = DEFAULT_SLICE) -> None:
+        self.loop = loop
+        self.time_slice = time_slice
+        self.slices_cut = 0  # loop iterations that ran out of time before every poller had its turn
+        self._ready: deque[NapiPoller] = deque()
+        self._handle: asyncio.Handle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> PollGroup:
+        """The loop's default group (made on first use)."""
+        group = _GROUPS.get(loop)
+        if group is None:
+            group = _GROUPS[loop] = cls(loop)
+        return group
+
+    def add(self, poller: NapiPoller) -> None:
+        self._ready.append(poller)
+        if self._handle is None:
+            self._handle = self.loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        ready = self._ready
+        clock = time.perf_counter
+        deadline = clock() + self.time_slice
+        for _ in range(len(ready)):
+            poller = ready.popleft()
+            if poller._poll():
+                ready.append(poller)
+            if clock() >= deadline:
+                if ready:
+                    self.slices_cut += 1
+                break
+        self._handle = self.loop.call_soon(self._run) if ready else None
+
+
+_GROUPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollGroup] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class NapiPoller:
     """Drives one ``Pollable`` from the event loop; never blocks, never raises into it.
 
     ``on_error`` receives any exception from the pollable (a ``Fault`` from a
-    bad ring, or a device bug) after the poller has stopped itself.
+    bad ring, or a device bug) after the poller has stopped itself.  Polls run
+    from a ``PollGroup`` (the loop's own unless given), one per loop iteration.
     """
 
     def __init__(
@@ -68,16 +133,17 @@ class NapiPoller:
         target: Pollable,
         on_error: Callable[[BaseException], None],
         budget: int = DEFAULT_BUDGET,
+        group: PollGroup | None = None,
     ) -> None:
         self.loop = loop
         self.target = target
         self.budget = budget
         self.stats = PollerStats()
+        self.group = group if group is not None else PollGroup.of(loop)
         self._on_error = on_error
         self._transports: list[EventfdTransport] = []
         self._scheduled = False
         self._closed = False
-        self._handle: asyncio.Handle | None = None
 
     def watch(self, transport: EventfdTransport) -> None:
         """Wake up when the north kicks ``transport``."""
@@ -95,38 +161,36 @@ class NapiPoller:
         if self._closed or self._scheduled:
             return
         self._scheduled = True
-        self._handle = self.loop.call_soon(self._poll)
+        self.group.add(self)
 
-    def _poll(self) -> None:
-        self._handle = None
+    def _poll(self) -> bool:
+        """One poll, from the group; True to be polled again (next iteration)."""
         if self._closed:
-            return
+            return False
         target = self.target
         try:
             target.quiesce()
             self.stats.polls += 1
             if target.poll(self.budget) >= self.budget:
-                # Yield to the loop: other connections get their turn.
+                # Others get their turn first: back to the end of the queue.
                 self.stats.budget_exhausted += 1
-                self._handle = self.loop.call_soon(self._poll)
-            elif target.rearm():
+                return True
+            if target.rearm():
                 # Work slipped in between the drain and the re-enable.
                 self.stats.rechecks += 1
-                self._handle = self.loop.call_soon(self._poll)
-            else:
-                self._scheduled = False
+                return True
         except Exception as exc:  # a fault of this north context, or a device bug
             self.close()
             self._on_error(exc)
+            return False
+        self._scheduled = False
+        return False
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._scheduled = False
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._scheduled = False  # a queued turn finds it closed and drops it
         for transport in self._transports:
             if transport.fd >= 0:
                 self.loop.remove_reader(transport.fd)

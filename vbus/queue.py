@@ -73,9 +73,12 @@ class Queue(Protocol):
 
     def push_many(self, items: Sequence[tuple[Buffer, int]]) -> None: ...
 
-    def read_span(self, budget: int) -> tuple[bytes, list[int]]:
+    def read_span(self, budget: int, gather: bool = False) -> tuple[bytes, list[int]]:
         """North->south fastest path: up to ``budget`` payloads back to back in
-        one bytes object, and their lengths; all handed back, published once."""
+        one bytes object, and their lengths; all handed back, published once.
+        The span may stop early where the payloads stop being contiguous in
+        the north's memory (call again for the rest); ``gather=True`` takes
+        all ``budget`` payloads at once."""
         ...
 
     def read_many(self, budget: int) -> list[bytes]:

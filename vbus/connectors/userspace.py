@@ -47,7 +47,7 @@ from vbus.errors import (
 from vbus.ioq import IoqSouth
 from vbus.log import get_logger
 from vbus.memory import MemfdRegion
-from vbus.mitigation import NapiPoller
+from vbus.mitigation import NapiPoller, PollGroup
 from vbus.procfs import ProcTasks
 from vbus.signal import EventfdTransport
 
@@ -619,6 +619,8 @@ class UserspaceConnector:
                     totals["polls"] += handle.poller.stats.polls
                 for queue in handle.queues.values():
                     _add_queue_stats(totals, queue)
+        # Loop iterations whose polling time slice ran out with pollers still waiting.
+        totals["poll_slices_cut"] = PollGroup.of(self.loop).slices_cut
         return {f"queue_{key}": value for key, value in totals.items()}
 
     def describe(self) -> list[dict[str, Any]]:

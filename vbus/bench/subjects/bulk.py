@@ -2,8 +2,8 @@
 
 ``vbus``: the client library's ``send_many`` into a queue of 64 KiB buffers
 of the sink-mode echo device; GB/s as the daemon consumed them (each byte is
-copied twice: into the ring by the client, out of it by the daemon, on two
-cores).  ``memcpy``: one process slicing the same volume out of an mmap of
+copied twice: into the ring by the client, message by message, and out of it
+by the daemon, a span at a time, on two cores).  ``memcpy``: one process slicing the same volume out of an mmap of
 the same size (``mapping[a:b]``, one copy), the speed of memory here.
 """
 
@@ -56,7 +56,10 @@ class BulkSubject(Subject):
         raise KeyError(f"bulk: no variant {variant!r}")
 
     def targets(self, medians: dict[str, Figures]) -> list[Target]:
-        return []
+        vbus = medians.get("vbus", {}).get("gb_per_s")
+        copy = medians.get("memcpy", {}).get("gb_per_s")
+        ratio = vbus / copy if vbus is not None and copy else None
+        return [Target("bulk: vbus >= 0.5x the single-copy bandwidth", ratio, 0.5, ">=")]
 
 
 def _memcpy(params: Params) -> Figures:

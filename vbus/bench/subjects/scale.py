@@ -65,7 +65,28 @@ class ScaleSubject(Subject):
         return _scale(clients, params)
 
     def targets(self, medians: dict[str, Figures]) -> list[Target]:
-        return []
+        c16 = medians.get("c16", {})
+        c256 = medians.get("c256", {})
+        ratio = (
+            c256["msgs_per_s"] / c16["msgs_per_s"]
+            if "msgs_per_s" in c256 and c16.get("msgs_per_s")
+            else None
+        )
+        return [
+            Target("scale: 256 clients >= 0.8x the msg/s of 16", ratio, 0.8, ">="),
+            Target(
+                "scale: <= 64 KiB daemon RSS per idle connection (256 clients)",
+                c256.get("rss_per_idle_conn_kib"),
+                64.0,
+                "<=",
+            ),
+            Target(
+                "scale: event-loop lag p99 <= 5 ms under 256 clients",
+                c256.get("loop_lag_p99_ms"),
+                5.0,
+                "<=",
+            ),
+        ]
 
 
 def _split(total: int, parts: int) -> list[int]:
