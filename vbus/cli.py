@@ -51,7 +51,12 @@ def _add_soak(sub: Any) -> None:
     )
     soak.add_argument("--json", type=Path, help="write every figure to this file")
     soak.add_argument("--attach", type=Path, metavar="SOCKET", help="use a running daemon")
-    soak.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    soak.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of the daemon and the clients (default: uvloop)",
+    )
     soak.add_argument(
         "--rate", type=float, default=10000.0, help="messages/s each good client offers"
     )
@@ -106,9 +111,19 @@ def _add_bench(sub: Any) -> None:
     bench.add_argument("--only", default="", help="comma-separated subjects (default: all)")
     bench.add_argument("--json", type=Path, help="write every figure and the machine to FILE")
     bench.add_argument("--plot", type=Path, help="bar chart of the ratios to FILE.png")
-    bench.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    bench.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop of every side: the daemon, the client library, the bare echoes (default: uvloop)",
+    )
     bench.add_argument("--duration", type=float, help="seconds per streaming run")
-    bench.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every run into DIR")
+    bench.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="py-spy the measured window of the vbus side (daemon and client; stream, mitigation, bulk, call) into DIR",
+    )
     bench.add_argument("--list", action="store_true", help="list the subjects and exit")
 
 

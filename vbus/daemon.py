@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-admin", action="store_true", help="do not mount the admin tree (FUSE)"
     )
-    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop (default: uvloop; asyncio is the standard library's)",
+    )
     parser.add_argument("--log-format", choices=("console", "json"), default="console")
     parser.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), default="info"
