@@ -3,8 +3,9 @@
 ``vbus``: the client library's ``send_many`` into a queue of 64 KiB buffers
 of the sink-mode echo device; GB/s as the daemon consumed them (each byte is
 copied twice: into the ring by the client, message by message, and out of it
-by the daemon, a span at a time, on two cores).  ``memcpy``: one process slicing the same volume out of an mmap of
-the same size (``mapping[a:b]``, one copy), the speed of memory here.
+by the daemon, a span at a time, on two cores).  ``memcpy``: one process
+slicing the same volume out of an mmap of the same size (``mapping[a:b]``,
+one copy), the speed of memory here.
 """
 
 from __future__ import annotations
