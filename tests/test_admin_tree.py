@@ -226,7 +226,7 @@ def test_device_lifecycle(tree: Tree) -> None:
     assert '"reason": "mode: \'bogus\' is not one of echo, sink"' in tree.daemon.log()
     tree.ok("echo sink > devices/eth0/mode")
     assert tree.cat("devices/eth0/mode") == "sink\n"
-    assert tree.state()["devices"]["eth0"] == {"attrs": {"mode": "sink"}, "class": "echo"}
+    assert tree.state()["devices"]["eth0"] == {"id": 2, "attrs": {"mode": "sink"}, "class": "echo"}
     stats = tree.cat("devices/eth0/stats")
     assert "messages 0\n" in stats and stats.endswith("connections 0\n")
 

@@ -559,7 +559,9 @@ def test_devices_on_is_sorted_by_id(topo: Topology) -> None:
         topo.create_device(name, "plain")
     for name in ("a", "z", "m"):
         topo.link("a", name)
-    assert [d.name for d in topo.devices_on("a")] == ["z", "m", "a"]
+    # Ids are the bus's own, in link order, whatever the devices' global ids.
+    assert [d.name for d in topo.devices_on("a")] == ["a", "z", "m"]
+    assert [topo.bus("a").id_of(d) for d in topo.devices_on("a")] == [1, 2, 3]
     assert topo.devices_on(topo.bus("a")) == topo.devices_on("a")
     with pytest.raises(NotFound):
         topo.devices_on("nope")
@@ -797,18 +799,26 @@ EXPECTED_SNAPSHOT = {
     "version": 1,
     "boot_id": "boot-1",
     "devices": {
-        "typeless": {"class": None, "attrs": {}},
-        "x": {"class": "probe", "attrs": {"flag": "1", "size": "8"}},
-        "y": {"class": "plain", "attrs": {}},
+        "typeless": {"id": 1, "class": None, "attrs": {}},
+        "x": {"id": 2, "class": "probe", "attrs": {"flag": "1", "size": "8"}},
+        "y": {"id": 3, "class": "plain", "attrs": {}},
     },
     "buses": {
         "a": {
             "devices": ["x", "y"],
+            "ids": {"x": 1, "y": 2},
+            "next_id": 3,
             "uids": [7, SELF_UID],
             "pids": [{"pid": 10, "starttime": 50}],
         },
-        "b": {"devices": ["x"], "uids": [], "pids": [{"pid": 11, "starttime": 60}]},
-        "empty": {"devices": [], "uids": [], "pids": []},
+        "b": {
+            "devices": ["x"],
+            "ids": {"x": 1},
+            "next_id": 2,
+            "uids": [],
+            "pids": [{"pid": 11, "starttime": 60}],
+        },
+        "empty": {"devices": [], "ids": {}, "next_id": 1, "uids": [], "pids": []},
     },
 }
 

@@ -29,6 +29,7 @@ from vbus.connectors.userspace import Limits, UserspaceConnector
 from vbus.core.config import apply_config, default_config_text, load_config_text
 from vbus.core.model import Topology
 from vbus.core.registry import Registry
+from vbus.core.resources import Ledger, ResourceLimits, format_size, parse_size
 from vbus.errors import VbusError
 from vbus.log import configure, errors_logged, get_logger
 from vbus.loopmon import LoopMonitor
@@ -107,8 +108,68 @@ def build_parser() -> argparse.ArgumentParser:
         default=limits.max_pending_per_uid,
         help="connections per uid that may wait for their handshake at once",
     )
+    bounds = ResourceLimits()
+    parser.add_argument(
+        "--max-shm-per-peer",
+        type=_size,
+        default=bounds.shm_per_peer,
+        metavar="SIZE",
+        help=f"shared memory one connection may register, e.g. 512M "
+        f"(default: {format_size(bounds.shm_per_peer)})",
+    )
+    parser.add_argument(
+        "--max-shm-per-uid",
+        type=_size,
+        default=bounds.shm_per_uid,
+        metavar="SIZE",
+        help=f"shared memory all connections of one uid may register "
+        f"(default: {format_size(bounds.shm_per_uid)})",
+    )
+    parser.add_argument(
+        "--max-shm-total",
+        type=_size,
+        default=0,
+        metavar="SIZE",
+        help="shared memory all connections together may register (default: half of RAM)",
+    )
+    parser.add_argument(
+        "--max-fds-per-uid",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="descriptors the connections of one uid may make the daemon hold "
+        "(default: a quarter of what RLIMIT_NOFILE leaves above the reserve)",
+    )
+    parser.add_argument(
+        "--fd-reserve",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="descriptors no client can take: the admin tree, logs, new connections "
+        "(default: max(64, RLIMIT_NOFILE / 16))",
+    )
     parser.add_argument("--version", action="version", version=f"vbusd {__version__}")
     return parser
+
+
+def _size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return size
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +210,15 @@ async def serve(args: argparse.Namespace) -> int:
         max_connections_per_uid=args.max_connections_per_uid,
         max_pending_per_uid=args.max_pending_per_uid,
     )
+    ledger = Ledger(
+        ResourceLimits(
+            shm_per_peer=args.max_shm_per_peer,
+            shm_per_uid=args.max_shm_per_uid,
+            shm_total=args.max_shm_total,
+            fds_per_uid=args.max_fds_per_uid,
+            fd_reserve=args.fd_reserve,
+        )
+    )
     monitor = LoopMonitor(loop)
     started = time.monotonic()
     loop_name = type(loop).__module__.split(".")[0]
@@ -168,11 +238,16 @@ async def serve(args: argparse.Namespace) -> int:
             **connector.queue_totals(),
             "rss_kib": _rss_kib(),
             "fds": len(os.listdir("/proc/self/fd")),
+            "shm_bytes": ledger.shm,
+            "shm_limit_bytes": ledger.shm_total,
+            "client_fds": ledger.fds,
+            "client_fd_limit": ledger.fd_budget,
+            "client_mappings": ledger.maps,
             "state_saves": store.saves,
             "errors_logged": errors_logged(),
         }
 
-    connector = UserspaceConnector(topology, sock_path, loop, limits, tasks, status)
+    connector = UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger)
     try:
         _clear_stale_socket(sock_path)
         connector.start()

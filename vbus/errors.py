@@ -26,6 +26,7 @@ __all__ = [
     "ProtocolError",
     "TimedOut",
     "TooBig",
+    "TooManyFiles",
     "VbusError",
     "from_errno",
 ]
@@ -88,6 +89,12 @@ class NoSpace(VbusError):
     errno = _errno.ENOSPC
 
 
+class TooManyFiles(VbusError):
+    """A descriptor bound was reached (per uid, or the daemon's reserve)."""
+
+    errno = _errno.EMFILE
+
+
 class NotSupported(VbusError):
     errno = _errno.EOPNOTSUPP
 
@@ -124,6 +131,7 @@ _BY_ERRNO: dict[int, type[VbusError]] = {
         NotPermitted,
         Fault,
         NoSpace,
+        TooManyFiles,
         NotSupported,
         TooBig,
         TimedOut,

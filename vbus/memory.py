@@ -6,14 +6,22 @@ unsealed file could be truncated under our mapping and kill the daemon with
 SIGBUS, so it is refused at registration, as is anything that is not a memfd.
 Every address the north hands us is checked here; a bad one is a ``Fault`` of
 that north context.
+
+Only shmem (tmpfs) memfds are taken.  Seals stop truncation, but a hugetlbfs
+memfd can still lose pages under our mapping (``fallocate(PUNCH_HOLE)`` then
+an empty huge-page pool), and the daemon's next access would die of SIGBUS;
+on shmem a punched hole just reads back as fresh zero pages.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from typing import Literal, Protocol, TypeAlias
 
 from vbus.errors import Fault, Invalid, TooBig
@@ -32,6 +40,20 @@ SharedBuffer: TypeAlias = bytearray | mmap.mmap
 
 REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 DEFAULT_MAX_REGION = 1 << 30  # 1 GiB per registered region
+TMPFS_MAGIC = 0x01021994  # linux/magic.h: shmem, what memfd_create gives without MFD_HUGETLB
+HUGETLBFS_MAGIC = 0x958458F6
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+
+def fs_type(fd: int) -> int:
+    """``f_type`` of the filesystem behind ``fd`` (fstatfs(2); Python has no binding)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64
+    if _libc.fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int.from_bytes(buf.raw[: ctypes.sizeof(ctypes.c_long)], "little")
 
 
 class Memory(Protocol):
@@ -115,9 +137,16 @@ class MemfdRegion(BufferMemory):
 
     @classmethod
     def from_fd(
-        cls, fd: int, *, max_size: int = DEFAULT_MAX_REGION, expected_size: int | None = None
+        cls,
+        fd: int,
+        *,
+        max_size: int = DEFAULT_MAX_REGION,
+        expected_size: int | None = None,
+        admit: Callable[[int], None] | None = None,
     ) -> MemfdRegion:
-        """Validate ``fd`` (memfd, sealed against shrink and grow, sane size) and map it.
+        """Validate ``fd`` (a shmem memfd, sealed against shrink and grow, sane
+        size) and map it.  ``admit(size)``, called before mapping, may refuse
+        (raise) on the grounds of what the north already holds.
 
         Raises ``Invalid`` with the reason; the caller still owns and closes ``fd``.
         """
@@ -129,8 +158,18 @@ class MemfdRegion(BufferMemory):
             raise Invalid("file descriptor is not a memfd (not a regular file)")
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            kind = fs_type(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         except OSError:
             raise Invalid("file descriptor is not a memfd (it cannot be sealed)") from None
+        if kind == HUGETLBFS_MAGIC:
+            raise Invalid(
+                "hugetlb memfds are refused: their pages can vanish under the mapping (SIGBUS)"
+            )
+        if kind != TMPFS_MAGIC:
+            raise Invalid(f"file descriptor is not a shmem memfd (filesystem {kind:#x})")
+        if flags & os.O_ACCMODE != os.O_RDWR:
+            raise Invalid("memfd is not open for reading and writing")
         if seals & REQUIRED_SEALS != REQUIRED_SEALS:
             raise Invalid("memfd is not sealed: F_SEAL_SHRINK and F_SEAL_GROW are required")
         # Read the size only now that the seals fix it: the client keeps its own
@@ -142,6 +181,8 @@ class MemfdRegion(BufferMemory):
             raise TooBig(f"memfd of {size} bytes exceeds the {max_size}-byte limit")
         if expected_size is not None and size != expected_size:
             raise Invalid(f"memfd holds {size} bytes, {expected_size} expected")
+        if admit is not None:
+            admit(size)
         try:
             mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:

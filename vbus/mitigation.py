@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vbus.signal import EventfdTransport, ShmSignal
+from vbus.errors import Fault
+from vbus.signal import ShmSignal, Transport
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -37,6 +38,9 @@ __all__ = [
 
 DEFAULT_BUDGET = 256  # messages per poll
 DEFAULT_SLICE = 0.001  # seconds of polling per loop iteration, all pollers together
+# Wake-ups in a row whose transport yielded nothing: the descriptor stays
+# readable without progress (the north drains it first, or worse): a fault.
+EMPTY_WAKEUPS = 1024
 
 
 class Pollable(Protocol):
@@ -141,17 +145,31 @@ class NapiPoller:
         self.stats = PollerStats()
         self.group = group if group is not None else PollGroup.of(loop)
         self._on_error = on_error
-        self._transports: list[EventfdTransport] = []
+        self._transports: list[Transport] = []
         self._scheduled = False
         self._closed = False
+        self._empty = 0  # wake-ups in a row that found nothing to drain
 
-    def watch(self, transport: EventfdTransport) -> None:
+    def watch(self, transport: Transport) -> None:
         """Wake up when the north kicks ``transport``."""
         self._transports.append(transport)
         self.loop.add_reader(transport.fd, self._on_signal, transport)
 
-    def _on_signal(self, transport: EventfdTransport) -> None:
-        transport.drain()
+    def _on_signal(self, transport: Transport) -> None:
+        try:
+            if transport.drain():
+                self._empty = 0
+            else:
+                self._empty += 1
+                if self._empty >= EMPTY_WAKEUPS:
+                    raise Fault(
+                        f"kick descriptor readable {self._empty} times in a row "
+                        "with nothing to read"
+                    )
+        except Exception as exc:
+            self.close()
+            self._on_error(exc)
+            return
         self.stats.wakeups += 1
         if not self._scheduled:
             self.schedule()
@@ -203,7 +221,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 async def wait_for_work(
-    signal: ShmSignal, has_work: Callable[[], bool], transport: EventfdTransport
+    signal: ShmSignal, has_work: Callable[[], bool], transport: Transport
 ) -> None:
     """North side: sleep until ``has_work()`` (arm, fence, re-check, then wait).
 

@@ -19,7 +19,6 @@ import array
 import asyncio
 import contextlib
 import errno
-import fcntl
 import inspect
 import os
 import socket
@@ -33,7 +32,8 @@ from typing import Any
 
 from vbus import protocol
 from vbus.core.members import Peer
-from vbus.core.model import Bus, Connection, Topology
+from vbus.core.model import Bus, Connection, Member, Topology
+from vbus.core.resources import Account, Ledger
 from vbus.errors import (
     Busy,
     Denied,
@@ -42,6 +42,7 @@ from vbus.errors import (
     NotFound,
     ProtocolError,
     TooBig,
+    TooManyFiles,
     VbusError,
 )
 from vbus.ioq import IoqSouth
@@ -49,7 +50,7 @@ from vbus.log import get_logger
 from vbus.memory import MemfdRegion
 from vbus.mitigation import NapiPoller, PollGroup
 from vbus.procfs import ProcTasks
-from vbus.signal import EventfdTransport
+from vbus.signal import SharedEventfd
 
 __all__ = ["Limits", "UserspaceConnector"]
 
@@ -86,20 +87,28 @@ class Limits:
     max_region: int = 1 << 30  # bytes per registered memfd
 
 
+_QUEUE_FDS = 2  # a queue keeps its kick and call eventfds (the memfd is closed once mapped)
+
+
 class _Handle:
     """One open device of a peer: the core Connection plus what its queues hold."""
 
-    __slots__ = ("conn", "id", "poller", "queues", "resources")
+    __slots__ = ("account", "conn", "id", "poller", "queues", "resources", "shm")
 
-    def __init__(self, handle_id: int, conn: Connection) -> None:
+    def __init__(self, handle_id: int, conn: Connection, account: Account) -> None:
         self.id = handle_id
         self.conn = conn
+        self.account = account
         self.poller: NapiPoller | None = None
         self.queues: dict[int, IoqSouth] = {}
         self.resources: list[Any] = []  # regions and transports to close
+        self.shm = 0  # bytes of the regions behind its queues
 
     def release(self, totals: dict[str, int]) -> None:
-        """Close everything; add its counters to ``totals`` (the connector's)."""
+        """Close everything, give its resources back to the peer's account, and
+        add its counters to ``totals`` (the connector's)."""
+        self.account.give(shm=self.shm, fds=_QUEUE_FDS * len(self.queues), maps=len(self.queues))
+        self.shm = 0
         if self.poller is not None:
             totals["wakeups"] += self.poller.stats.wakeups
             totals["polls"] += self.poller.stats.polls
@@ -117,14 +126,18 @@ class _Handle:
 class _Peer:
     """One connected process: its socket, its bus, its open handles."""
 
-    def __init__(self, connector: UserspaceConnector, sock: socket.socket, cred: Peer) -> None:
+    def __init__(
+        self, connector: UserspaceConnector, sock: socket.socket, cred: Peer, account: Account
+    ) -> None:
         self.connector = connector
         self.sock = sock
         self.fd = sock.fileno()
         self.cred = cred
+        self.account = account
         self.id = connector._next_peer_id()
         self.session = protocol.ServerSession()
         self.bus: Bus | None = None
+        self.member: Member | None = None
         self.handles: dict[int, _Handle] = {}
         self.queue_count = 0
         self.outbound: deque[bytes] = deque()
@@ -205,8 +218,10 @@ class UserspaceConnector:
         limits: Limits | None = None,
         tasks: ProcTasks | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.topology = topology
+        self.ledger = ledger or Ledger()
         self.status = status or (lambda: {})
         self.path = socket_path
         self.loop = loop
@@ -288,16 +303,28 @@ class UserspaceConnector:
         if len(pending) >= limits.max_pending_per_uid:
             oldest = next(iter(pending.values()))
             self._drop(oldest, "evicted: too many connections waiting for their handshake")
+        account = self.ledger.account(uid)
+        refusal: VbusError | None = None
         if self._per_uid.get(uid, 0) >= limits.max_connections_per_uid:
-            reason = f"too many connections for uid {uid}"
+            refusal = VbusError(f"too many connections for uid {uid}")
+            refusal.errno = errno.EAGAIN
+        else:
+            try:
+                account.take(fds=1)
+            except VbusError as exc:
+                refusal = exc
+        if refusal is not None:
             self.counters["refused"] += 1
-            log.warning("client.refused", pid=pid, uid=uid, reason=reason)
+            log.warning("client.refused", pid=pid, uid=uid, reason=refusal.message)
             with contextlib.suppress(OSError):
-                sock.send(protocol.encode(protocol.Error(errno.EAGAIN, reason), 0))
+                sock.send(
+                    protocol.encode(protocol.Error(refusal.errno, refusal.message), 0),
+                    socket.MSG_DONTWAIT,
+                )
             sock.close()
             return
         cred = Peer(pid=pid, uid=uid, gid=gid, starttime=self.tasks.starttime(pid))
-        peer = _Peer(self, sock, cred)
+        peer = _Peer(self, sock, cred, account)
         self.peers[peer.fd] = peer
         self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         self._pending_per_uid.setdefault(uid, {})[peer.id] = peer
@@ -344,6 +371,10 @@ class UserspaceConnector:
             try:
                 if flags & _MSG_TRUNC:
                     raise _OversizedFrame(f"message larger than {protocol.MAX_FRAME} bytes")
+                if flags & _MSG_CTRUNC and len(fds) < MAX_FDS:
+                    # The kernel could not install the descriptors (we are at
+                    # RLIMIT_NOFILE): our shortage, not the peer's fault.
+                    raise TooManyFiles("the daemon is short of file descriptors; try again later")
                 if flags & _MSG_CTRUNC or len(fds) > 3:
                     raise ProtocolError("too many file descriptors in one message")
                 call = protocol.split_call(data, len(fds)) if peer.bus is not None else None
@@ -372,7 +403,7 @@ class UserspaceConnector:
         elif isinstance(msg, protocol.Enumerate):
             bus = self._bus_of(peer)
             devices = tuple(
-                protocol.DeviceInfo(dev.id, dev.name, dev.deviceclass or "")
+                protocol.DeviceInfo(bus.id_of(dev), dev.name, dev.deviceclass or "")
                 for dev in self.topology.devices_on(bus.name)
             )
             peer.reply(seq, protocol.Devices(devices))
@@ -401,18 +432,28 @@ class UserspaceConnector:
         return handle
 
     def _on_hello(self, peer: _Peer, seq: int, msg: protocol.Hello) -> None:
-        bus = self.topology.resolve(peer.cred)
         self._handshake_done(peer)
-        if bus is None:
+        member = self.topology.join(
+            peer.cred, self.name, lambda _member, reason: self._expelled(peer, reason)
+        )
+        if member is None:
             self.counters["denied"] += 1
             peer.log.warning("client.denied", reason="not a member of any bus")
             peer.error(seq, Denied("not a member of any bus"))
             self._drop(peer, "not a member of any bus", level="debug")
             return
-        peer.bus = bus
+        peer.member = member
+        peer.bus = bus = member.bus
         peer.log = peer.log.bind(bus=bus.name)
-        peer.reply(seq, protocol.Welcome(protocol.WIRE_VERSION, peer.id, bus.name))
+        peer.reply(seq, protocol.Welcome(protocol.WIRE_VERSION, member.client_id, bus.name))
         peer.log.info("client.ready", client=msg.name)
+
+    def _expelled(self, peer: _Peer, reason: str) -> None:
+        """Its member rule went (or its bus): tell it, then let it go."""
+        peer.member = None
+        peer.bus = None
+        peer.event(protocol.EventKind.BUS_GONE, 0, reason)
+        self._drop(peer, reason, level="info")
 
     def _on_status(self, peer: _Peer, seq: int) -> None:
         """The daemon's own health, for its administrator only (it counts everyone)."""
@@ -432,11 +473,12 @@ class UserspaceConnector:
         def revoke(conn: Connection, kind: str, reason: str) -> None:
             self._revoked(peer, handle_id, kind, reason)
 
-        conn = self.topology.open(bus.name, ref, peer.cred, self.name, revoke)
-        peer.handles[handle_id] = _Handle(handle_id, conn)
+        conn = self.topology.open(bus.name, ref, peer.cred, self.name, revoke, member=peer.member)
+        peer.handles[handle_id] = _Handle(handle_id, conn, peer.account)
         device = conn.device
         peer.reply(
-            seq, protocol.Opened(handle_id, device.id, device.name, device.deviceclass or "")
+            seq,
+            protocol.Opened(handle_id, bus.id_of(device), device.name, device.deviceclass or ""),
         )
         peer.log.info("device.opened", handle=handle_id, device=device.name)
 
@@ -486,42 +528,54 @@ class UserspaceConnector:
             raise Busy(f"at most {self.limits.max_queues} queues per connection")
         if msg.index in handle.queues:
             raise Busy(f"queue {msg.index} is already registered")
-        memfd, kick_fd, call_fd = fds
-        region = MemfdRegion.from_fd(memfd, max_size=self.limits.max_region)
-        resources: list[Any] = [region]
+        account = peer.account
+        account.take(fds=_QUEUE_FDS, maps=1)  # refused here if this uid holds its share
+        resources: list[Any] = []
+        size = 0
+
+        def admit(length: int) -> None:
+            nonlocal size
+            account.take(shm=length)  # NoSpace past the peer's or its uid's bound
+            size = length
+
         try:
-            kick = EventfdTransport(_own_eventfd(kick_fd, "kick"))
-            fds[1] = -1
-            resources.append(kick)
-            call = EventfdTransport(_own_eventfd(call_fd, "call"))
-            fds[2] = -1
-            resources.append(call)
-            writable = bool(msg.flags & protocol.SHM_WRITABLE)
-            mitigate = not msg.flags & protocol.SHM_NO_MITIGATION
             try:
-                queue = IoqSouth(
-                    region, msg.offset, msg.count, call, writable=writable, mitigate=mitigate
-                )
-            except Fault as exc:
-                # A ring that is broken from the start faults the connection.
-                peer.error(seq, exc)
-                self._fault(peer, handle, exc.message)
-                raise _AlreadyAnswered() from None
-            resources.append(queue)
-            session = handle.conn.session
-            assert session is not None
-            session.shm(msg.index, queue)
-        except _AlreadyAnswered:
+                region = MemfdRegion.from_fd(fds[0], max_size=self.limits.max_region, admit=admit)
+                resources.append(region)
+                kick = SharedEventfd.adopt(fds[1], "kick", read=True)
+                fds[1] = -1
+                resources.append(kick)
+                call = SharedEventfd.adopt(fds[2], "call", read=False)
+                fds[2] = -1
+                resources.append(call)
+                writable = bool(msg.flags & protocol.SHM_WRITABLE)
+                mitigate = not msg.flags & protocol.SHM_NO_MITIGATION
+                try:
+                    queue = IoqSouth(
+                        region, msg.offset, msg.count, call, writable=writable, mitigate=mitigate
+                    )
+                except Fault as exc:
+                    # A ring that is broken from the start faults the connection.
+                    peer.error(seq, exc)
+                    self._fault(peer, handle, exc.message)
+                    raise _AlreadyAnswered() from None
+                resources.append(queue)
+                session = handle.conn.session
+                assert session is not None
+                session.shm(msg.index, queue)
+            except OSError as exc:  # any step touching a north descriptor
+                raise Invalid(f"cannot register the queue: {exc.strerror}") from None
+        except BaseException as exc:
             for resource in resources:
                 resource.close()
-            return
-        except BaseException:
-            for resource in resources:
-                resource.close()
+            account.give(shm=size, fds=_QUEUE_FDS, maps=1)
+            if isinstance(exc, _AlreadyAnswered):
+                return
             raise
         resources.pop()  # the queue is closed through handle.queues
         handle.queues[msg.index] = queue
         handle.resources.extend(resources)
+        handle.shm += size
         peer.queue_count += 1
         if handle.poller is None:
             handle.poller = NapiPoller(
@@ -538,7 +592,7 @@ class UserspaceConnector:
             index=msg.index,
             count=msg.count,
             writable=writable,
-            size=region.size,
+            size=size,
         )
 
     # --- faults, revocation, teardown -------------------------------------------
@@ -593,6 +647,10 @@ class UserspaceConnector:
         peer.closed = True
         for handle in list(peer.handles.values()):
             self._close_handle(peer, handle, reason)
+        if peer.member is not None:
+            self.topology.leave(peer.member)
+            peer.member = None
+        peer.account.close()
         self._handshake_done(peer)
         uid = peer.cred.uid
         self._per_uid[uid] -= 1
@@ -630,7 +688,10 @@ class UserspaceConnector:
                 "pid": p.cred.pid,
                 "uid": p.cred.uid,
                 "bus": p.bus.name if p.bus else None,
+                "client_id": p.member.client_id if p.member else None,
                 "handles": len(p.handles),
+                "shm_bytes": p.account.shm,
+                "fds": p.account.fds,
                 "since": p.since,
             }
             for p in self.peers.values()
@@ -672,17 +733,3 @@ def _take_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(payload) - len(payload) % 4
             fds.extend(array.array("i", payload[:usable]))
     return fds
-
-
-def _own_eventfd(fd: int, role: str) -> int:
-    """Validate that ``fd`` is an eventfd and make it non-blocking (a blocking
-    eventfd whose counter is near its limit would let a client stall us)."""
-    try:
-        kind = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        kind = ""
-    if kind != "anon_inode:[eventfd]":
-        raise Invalid(f"the {role} descriptor is not an eventfd")
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    return fd

@@ -6,12 +6,19 @@ the config loader, the persisted state, the connectors and the FUSE admin tree
 are thin adapters over them.  No IO happens here: process facts come from an
 injected ``TaskInfo``, and deviceclasses from a ``Registry``.
 
-Theory of operation for connections: a connector resolves its peer to a bus
-(``resolve``), then ``open``s a device on that bus and gets a ``Connection``
-carrying the device model's ``Session``.  When the administrator unlinks the
-device, removes the bus, or changes member rules so that the peer no longer
-belongs to the bus, the topology calls the connection's ``revoke`` callback
-(supplied by the connector) once and then closes the connection itself.
+Theory of operation for connections: a connector ``join``s its peer, which
+resolves it to a bus and returns a ``Member`` (the peer is then a user of that
+bus, device open or not), then ``open``s devices on that bus and gets
+``Connection``s carrying the device model's ``Session``.  When the
+administrator unlinks the device, removes the bus, or changes member rules so
+that the peer no longer belongs to the bus, the topology calls the
+connection's ``revoke`` callback (supplied by the connector) once and then
+closes the connection itself; a member that lost its bus is also told through
+its own ``revoke`` callback, and the connector disconnects it.
+
+What a north sees of the topology reveals nothing of other buses: device ids
+are the bus's own (``Bus.ids``, assigned at link time, persisted), and a
+member's ``client_id`` counts the clients of its bus only.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ __all__ = [
     "Bus",
     "Connection",
     "Device",
+    "Member",
+    "MemberRevoke",
     "RevokeCallback",
     "RevokeKind",
     "Topology",
@@ -161,11 +170,43 @@ class Bus:
     def __init__(self, name: str) -> None:
         self.name = validate_name(name, "bus name")
         self.devices: dict[str, Device] = {}
+        self.ids: dict[str, int] = {}  # device name -> the id this bus's clients see
+        self.by_id: dict[int, Device] = {}
+        self.next_id = 1  # never reused while the bus exists: an old id cannot alias
         self.rules: set[Rule] = set()
         self.connections: dict[int, Connection] = {}
+        self.members: dict[int, Member] = {}  # connected north contexts
+        self.clients_seen = 0
 
     def __repr__(self) -> str:
         return f"<Bus {self.name!r} devices={sorted(self.devices)}>"
+
+    def id_of(self, device: Device) -> int:
+        """The id ``device`` has on this bus."""
+        return self.ids[device.name]
+
+
+MemberRevoke = Callable[["Member", str], None]
+
+
+@dataclass(eq=False)
+class Member:
+    """A north context admitted to a bus (connected), with a device open or not.
+
+    ``client_id`` is what the north is told: it counts this bus's clients only.
+    ``revoke`` is the connector's callback, called at most once when the
+    member loses its bus (rule removed, bus removed); the connector tells the
+    north and disconnects it.
+    """
+
+    id: int
+    client_id: int
+    bus: Bus
+    peer: Peer
+    connector: str
+    revoke: MemberRevoke
+    since: float = field(default_factory=time.time)
+    gone: bool = False
 
 
 RevokeCallback = Callable[["Connection", RevokeKind, str], None]
@@ -188,6 +229,7 @@ class Connection:
     revoke: RevokeCallback
     since: float = field(default_factory=time.time)
     session: Session | None = None
+    member: Member | None = None
     calls: int = 0
     faults: int = 0
     closed: bool = False
@@ -205,7 +247,7 @@ class Connection:
             "id": self.id,
             "bus": self.bus.name,
             "device": self.device.name,
-            "device_id": self.device.id,
+            "device_id": self.bus.ids.get(self.device.name, 0),
             "connector": self.connector,
             "pid": self.peer.pid,
             "uid": self.peer.uid,
@@ -240,8 +282,10 @@ class Topology:
         self._buses: dict[str, Bus] = {}
         self._members = MemberIndex()
         self._connections: dict[int, Connection] = {}
-        self._device_ids = itertools.count(1)
+        self._members_joined: dict[int, Member] = {}
+        self._next_device_id = 1
         self._connection_ids = itertools.count(1)
+        self._member_ids = itertools.count(1)
         self._undo: list[Callable[[], None]] | None = None
 
     # --- transactions -------------------------------------------------------
@@ -290,18 +334,26 @@ class Topology:
         name: str,
         deviceclass: str | None = None,
         attrs: dict[str, str | int | bool] | None = None,
+        *,
+        id: int | None = None,
     ) -> Device:
         """Create a device, typeless or (with ``deviceclass``) instantiated and
-        configured with ``attrs``; all or nothing."""
+        configured with ``attrs``; all or nothing.  ``id`` (restoring a
+        snapshot) keeps the device's recorded id; new ids are never reused."""
         validate_name(name, "device name")
         if name in self._devices:
             raise Exists(f"device {name!r} exists")
+        if id is not None and (id < 1 or id in self._devices_by_id):
+            raise Invalid(f"device {name!r}: id {id} is taken or out of range")
         if attrs and deviceclass is None:
             raise Invalid(f"device {name!r}: attributes need a deviceclass")
         if deviceclass is not None:
             self.registry.get(deviceclass)  # unknown class: Invalid before anything exists
         with self.transaction():
-            device = Device(next(self._device_ids), name)
+            if id is None:
+                id = self._next_device_id
+            self._next_device_id = max(self._next_device_id, id + 1)
+            device = Device(id, name)
             self._devices[name] = device
             self._devices_by_id[device.id] = device
             self._on_undo(lambda: self.remove_device(name))
@@ -382,10 +434,14 @@ class Topology:
         """Remove a bus: its devices are unlinked and its rules dropped.  Live
         connections make it ``Busy`` unless ``force``, which revokes them."""
         bus = self.bus(name)
-        if bus.connections and not force:
-            raise Busy(f"bus {name!r} has {len(bus.connections)} open connection(s)")
+        if (bus.connections or bus.members) and not force:
+            raise Busy(
+                f"bus {name!r} has {len(bus.members) or len(bus.connections)} client(s) connected"
+            )
         for conn in sorted(bus.connections.values(), key=lambda c: c.id):
             self._revoke(conn, BUS_GONE, f"bus {name!r} was removed")
+        for member in sorted(bus.members.values(), key=lambda m: m.id):
+            self._expel(member, f"bus {name!r} was removed")
         for device in bus.devices.values():
             device.buses.discard(name)
         for rule in bus.rules:
@@ -393,17 +449,27 @@ class Topology:
         del self._buses[name]
         self._log.info("bus.removed", bus=name, forced=force)
 
-    def link(self, bus: str, device: str) -> None:
+    def link(self, bus: str, device: str, *, id: int | None = None) -> int:
+        """Link ``device`` to ``bus``; returns the id it has there (``id`` when
+        restoring a snapshot, else the bus's next one)."""
         b = self.bus(bus)
         dev = self.device(device)
         if not dev.typed:
             raise Invalid(f"device {device!r} has no type and cannot be linked")
         if dev.name in b.devices:
             raise Exists(f"device {device!r} is already linked to bus {bus!r}")
+        if id is None:
+            id = b.next_id
+        elif id < 1 or id in b.by_id:
+            raise Invalid(f"bus {bus!r}: device id {id} is taken or out of range")
+        b.next_id = max(b.next_id, id + 1)
         b.devices[dev.name] = dev
+        b.ids[dev.name] = id
+        b.by_id[id] = dev
         dev.buses.add(b.name)
         self._on_undo(lambda: self.unlink(bus, device))
-        self._log.info("bus.linked", bus=bus, device=device)
+        self._log.info("bus.linked", bus=bus, device=device, id=id)
+        return id
 
     def unlink(self, bus: str, device: str) -> None:
         """Unlink a device; its connections on this bus are revoked."""
@@ -415,24 +481,25 @@ class Topology:
             if conn.device is dev:
                 self._revoke(conn, DEVICE_REMOVED, f"device {device!r} was unlinked")
         del b.devices[device]
+        del b.by_id[b.ids.pop(device)]
         dev.buses.discard(b.name)
         self._log.info("bus.unlinked", bus=bus, device=device)
 
     def devices_on(self, bus: Bus | str) -> list[Device]:
-        """The devices linked to ``bus``, sorted by id."""
-        return sorted(self._bus(bus).devices.values(), key=lambda d: d.id)
+        """The devices linked to ``bus``, sorted by their id on it."""
+        b = self._bus(bus)
+        return [b.by_id[key] for key in sorted(b.by_id)]
 
     def find_device(self, bus: Bus | str, ref: str | int) -> Device:
-        """A device on ``bus`` by name (str) or id (int).  A device that does not
-        exist and one that exists only elsewhere raise the same NotFound."""
+        """A device on ``bus`` by name (str) or by its id on that bus (int).  A
+        device that does not exist and one that exists only elsewhere raise
+        the same NotFound."""
         b = self._bus(bus)
         device: Device | None = None
         if isinstance(ref, str):
             device = b.devices.get(ref)
         elif isinstance(ref, int) and not isinstance(ref, bool):
-            candidate = self._devices_by_id.get(ref)
-            if candidate is not None and b.devices.get(candidate.name) is candidate:
-                device = candidate
+            device = b.by_id.get(ref)
         if device is None:
             raise NotFound("no such device")
         return device
@@ -532,10 +599,59 @@ class Topology:
         return None if name is None else self._buses[name]
 
     def _recheck_connections(self) -> None:
+        """After a rule change: every connected peer is resolved again, and
+        one that no longer belongs to its bus loses it (told, then let go)."""
+        for member in sorted(self._members_joined.values(), key=lambda m: m.id):
+            if self._members.resolve(member.peer, self.tasks) != member.bus.name:
+                self._expel(member, f"no longer a member of bus {member.bus.name!r}")
         for conn in sorted(self._connections.values(), key=lambda c: c.id):
             if self._members.resolve(conn.peer, self.tasks) != conn.bus.name:
                 reason = f"no longer a member of bus {conn.bus.name!r}"
                 self._revoke(conn, BUS_GONE, reason)
+
+    # --- members: connected north contexts -----------------------------------
+    def join(self, peer: Peer, connector: str, revoke: MemberRevoke) -> Member | None:
+        """Admit a connected ``peer`` to the bus its rules resolve to; None if
+        no rule admits it.  It stays a user of that bus until ``leave``."""
+        bus = self.resolve(peer)
+        if bus is None:
+            return None
+        bus.clients_seen += 1
+        member = Member(
+            id=next(self._member_ids),
+            client_id=bus.clients_seen,
+            bus=bus,
+            peer=peer,
+            connector=connector,
+            revoke=revoke,
+        )
+        bus.members[member.id] = member
+        self._members_joined[member.id] = member
+        return member
+
+    def leave(self, member: Member) -> None:
+        """The peer disconnected (its connections are closed by the connector)."""
+        member.gone = True
+        self._members_joined.pop(member.id, None)
+        member.bus.members.pop(member.id, None)
+
+    def _expel(self, member: Member, reason: str) -> None:
+        if member.gone:
+            return
+        for conn in sorted(member.bus.connections.values(), key=lambda c: c.id):
+            if conn.member is member:
+                self._revoke(conn, BUS_GONE, reason)
+        self.leave(member)
+        self._log.info("member.expelled", member=member.id, bus=member.bus.name, reason=reason)
+        try:
+            member.revoke(member, reason)
+        except Exception as exc:  # a connector bug must not half-apply an admin change
+            self._log.error("member.revoke_failed", member=member.id, error=repr(exc))
+
+    def clients(self, bus: Bus | str | None = None) -> list[Member]:
+        """Connected members (of one bus, or all), sorted by id."""
+        pool = self._members_joined if bus is None else self._bus(bus).members
+        return [pool[key] for key in sorted(pool)]
 
     # --- connections -----------------------------------------------------------
     def open(
@@ -547,6 +663,7 @@ class Topology:
         revoke: RevokeCallback,
         *,
         since: float | None = None,
+        member: Member | None = None,
     ) -> Connection:
         """Open ``device`` (name or id) on ``bus`` for ``peer``.
 
@@ -564,6 +681,7 @@ class Topology:
             connector=connector,
             revoke=revoke,
             since=time.time() if since is None else since,
+            member=member,
         )
         conn.session = dev.model.open(conn)
         b.connections[conn.id] = conn
@@ -621,6 +739,7 @@ class Topology:
         devices: dict[str, Any] = {}
         for device in self.devices():
             devices[device.name] = {
+                "id": device.id,
                 "class": device.deviceclass,
                 "attrs": dict(sorted(device.non_default_attrs().items())),
             }
@@ -632,6 +751,8 @@ class Topology:
             )
             buses[bus.name] = {
                 "devices": sorted(bus.devices),
+                "ids": dict(sorted(bus.ids.items())),
+                "next_id": bus.next_id,
                 "uids": sorted(r.uid for r in bus.rules if isinstance(r, UidRule)),
                 "pids": [{"pid": r.pid, "starttime": r.starttime} for r in pid_rules],
             }
@@ -653,11 +774,14 @@ class Topology:
         same_boot = recorded is None or self.boot_id is None or recorded == self.boot_id
         with self.transaction():
             for name, spec in plan["devices"].items():
-                self.create_device(name, spec["class"], spec["attrs"])
+                self.create_device(name, spec["class"], spec["attrs"], id=spec["id"])
             for name, spec in plan["buses"].items():
-                self.create_bus(name)
-                for device in spec["devices"]:
-                    self.link(name, device)
+                bus = self.create_bus(name)
+                ids = spec["ids"]
+                # Recorded ids first, so that a device without one cannot take them.
+                for device in sorted(spec["devices"], key=lambda d: (d not in ids, ids.get(d, 0))):
+                    self.link(name, device, id=ids.get(device))
+                bus.next_id = max(bus.next_id, spec["next_id"])
                 for uid in spec["uids"]:
                     self._add_member(name, UidRule(uid), check_ancestors=True)
             # Pid rules after every bus exists, without the ancestor check: a
@@ -697,11 +821,14 @@ def _check_snapshot(snapshot: Any) -> dict[str, Any]:
         attrs = spec.get("attrs", {})
         if cls is not None and not isinstance(cls, str):
             raise fail(f"{where}.class", "not a string")
+        device_id = spec.get("id")
+        if device_id is not None and not (_is_count(device_id) and device_id >= 1):
+            raise fail(f"{where}.id", "not a positive integer")
         if not isinstance(attrs, dict) or not all(
             isinstance(k, str) and isinstance(v, str | int | bool) for k, v in attrs.items()
         ):
             raise fail(f"{where}.attrs", "not an object of text values")
-        devices[name] = {"class": cls, "attrs": attrs}
+        devices[name] = {"class": cls, "attrs": attrs, "id": device_id}
     buses: dict[str, Any] = {}
     for name, spec in buses_in.items():
         where = f"buses.{name}"
@@ -710,6 +837,16 @@ def _check_snapshot(snapshot: Any) -> dict[str, Any]:
         linked = spec.get("devices", [])
         uids = spec.get("uids", [])
         pids = spec.get("pids", [])
+        ids = spec.get("ids", {})
+        next_id = spec.get("next_id", 1)
+        if not isinstance(ids, dict) or not all(
+            isinstance(k, str) and _is_count(v) and v >= 1 for k, v in ids.items()
+        ):
+            raise fail(f"{where}.ids", "not an object of positive device ids")
+        if len(set(ids.values())) != len(ids):
+            raise fail(f"{where}.ids", "an id is given twice")
+        if not _is_count(next_id):
+            raise fail(f"{where}.next_id", "not a count")
         if not isinstance(linked, list) or not all(isinstance(d, str) for d in linked):
             raise fail(f"{where}.devices", "not a list of names")
         if not isinstance(uids, list) or not all(_is_count(u) for u in uids):
@@ -721,6 +858,8 @@ def _check_snapshot(snapshot: Any) -> dict[str, Any]:
             raise fail(f"{where}.pids", "not a list of {pid, starttime}")
         buses[name] = {
             "devices": linked,
+            "ids": {k: v for k, v in ids.items() if k in linked},
+            "next_id": next_id,
             "uids": uids,
             "pids": [(p["pid"], p["starttime"]) for p in pids],
         }

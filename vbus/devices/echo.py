@@ -69,7 +69,8 @@ class EchoSession(Session):
             # messages in its ring; its next rx post wakes us (rearm arms rx).
             counters["stalls"] += 1
             return 0
-        payloads = tx.read_many(n)
+        payloads = tx.read_many(n)  # may be fewer: the queue bounds bytes per poll
+        n = len(payloads)
         rx.write_many(payloads)
         counters["messages"] += n
         counters["bytes"] += sum(map(len, payloads))
