@@ -927,3 +927,122 @@ def test_apply_restores_the_members_that_are_valid(topo: Topology, tasks: FakeTa
         topo.add_member("a", PidRule(10, 49))
     assert topo.bus("a").rules == {PidRule(10, 50)}
     assert UidRule(SELF_UID) not in topo.bus("a").rules
+
+
+# --- what a north sees: per-bus ids, members --------------------------------------
+
+
+def test_ids_are_per_bus_and_reveal_nothing_of_other_buses(topo: Topology) -> None:
+    topo.create_bus("a")
+    topo.create_bus("b")
+    for name in ("a1", "a2", "a3", "shared", "b1"):
+        topo.create_device(name, "plain")
+    for name in ("a1", "a2", "a3", "shared"):
+        topo.link("a", name)
+    topo.link("b", "b1")
+    topo.link("b", "shared")
+    b = topo.bus("b")
+    assert [b.id_of(d) for d in topo.devices_on("b")] == [1, 2]
+    assert topo.find_device("b", 1).name == "b1"
+    assert topo.find_device("b", 2).name == "shared"
+    for ref in (3, 4, "a1"):  # exists on a only: the same answer as nothing at all
+        with pytest.raises(NotFound, match="^no such device$"):
+            topo.find_device("b", ref)
+    # Ids are never reused on a bus: an old id cannot alias a new device.
+    topo.unlink("b", "b1")
+    topo.link("b", "b1")
+    assert b.id_of(topo.device("b1")) == 3
+    with pytest.raises(NotFound):
+        topo.find_device("b", 1)
+
+
+def test_ids_survive_a_snapshot_round_trip(topo: Topology, tasks: FakeTasks) -> None:
+    topo.create_bus("a")
+    for name in ("z", "y", "x"):
+        topo.create_device(name, "plain")
+        topo.link("a", name)
+    topo.unlink("a", "z")  # a gap, and a next id past it
+    snap = json.loads(json.dumps(topo.snapshot()))
+    fresh = Topology(make_registry(), tasks, SELF_UID, boot_id="boot-1")
+    fresh.apply(snap)
+    a = fresh.bus("a")
+    assert {d.name: a.id_of(d) for d in fresh.devices_on("a")} == {"y": 2, "x": 3}
+    assert [fresh.device(n).id for n in ("x", "y", "z")] == [3, 2, 1]
+    fresh.create_device("w", "plain")
+    assert fresh.device("w").id == 4  # device ids are not reused either
+    assert fresh.link("a", "w") == 4
+    # A snapshot of an older daemon (no ids): devices get ids in list order.
+    for spec in snap["buses"].values():
+        del spec["ids"], spec["next_id"]
+    for spec in snap["devices"].values():
+        del spec["id"]
+    old = Topology(make_registry(), tasks, SELF_UID, boot_id="boot-1")
+    old.apply(snap)
+    assert [old.bus("a").id_of(d) for d in old.devices_on("a")] == [1, 2]
+
+
+def test_a_snapshot_with_clashing_ids_is_refused(topo: Topology) -> None:
+    snap = {
+        "version": 1,
+        "devices": {"x": {"class": "plain"}, "y": {"class": "plain"}},
+        "buses": {"a": {"devices": ["x", "y"], "ids": {"x": 1, "y": 1}}},
+    }
+    with pytest.raises(Invalid, match="twice"):
+        topo.apply(snap)
+    assert topo.buses() == [] and topo.devices() == []
+
+
+class Expulsions:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []
+
+    def __call__(self, member: Any, reason: str) -> None:
+        self.seen.append((member.id, reason))
+
+
+def test_members_lose_their_bus_when_their_rule_goes(topo: Topology, tasks: FakeTasks) -> None:
+    topo.create_bus("a")
+    topo.create_bus("b")
+    topo.create_device("x", "plain")
+    topo.link("a", "x")
+    topo.add_member("a", "uid:2000")
+    assert topo.join(tasks.spawn(77, uid=3000), "userspace", Expulsions()) is None
+    expelled = Expulsions()
+    idle = topo.join(tasks.spawn(10), "userspace", expelled)
+    busy = topo.join(tasks.spawn(11), "userspace", expelled)
+    assert idle is not None and busy is not None
+    assert (idle.bus.name, idle.client_id, busy.client_id) == ("a", 1, 2)
+    revoked = Revocations()
+    conn = topo.open("a", "x", busy.peer, "userspace", revoked, member=busy)
+    # The first client of another bus is its client 1: nothing of bus a shows.
+    topo.add_member("b", "uid:4000")
+    other = topo.join(tasks.spawn(12, uid=4000), "userspace", Expulsions())
+    assert other is not None and other.client_id == 1
+    assert topo.clients("a") == [idle, busy]
+
+    topo.remove_member("a", "uid:2000")
+    assert sorted(expelled.seen) == [
+        (idle.id, "no longer a member of bus 'a'"),
+        (busy.id, "no longer a member of bus 'a'"),
+    ]
+    assert [(c, kind) for c, kind, _ in revoked.seen] == [(conn, BUS_GONE)]
+    assert conn.closed and topo.clients("a") == [] and idle.gone
+    topo.leave(idle)  # the connector's own leave afterwards is harmless
+
+
+def test_a_bus_with_connected_clients_is_busy(topo: Topology, tasks: FakeTasks) -> None:
+    topo.create_bus("a")
+    topo.add_member("a", "uid:2000")
+    expelled = Expulsions()
+    member = topo.join(tasks.spawn(10), "userspace", expelled)
+    assert member is not None
+    with pytest.raises(Busy, match="1 client"):
+        topo.remove_bus("a")  # no device open, still a user of the bus
+    topo.remove_bus("a", force=True)
+    assert expelled.seen == [(member.id, "bus 'a' was removed")]
+    topo.create_bus("b")
+    topo.add_member("b", "uid:2000")
+    member = topo.join(tasks.spawn(11), "userspace", expelled)
+    assert member is not None
+    topo.leave(member)
+    topo.remove_bus("b")

@@ -793,3 +793,34 @@ def test_garbage_in_the_ring_only_ever_faults(
     finally:
         south.close()
         memory.release()
+
+
+def test_a_poll_takes_a_bounded_number_of_bytes(rings: Callable[..., Ring]) -> None:
+    """Between disable_notify and enable_notify (one poll) the south copies
+    out about ``poll_bytes``, at least one message; outside a poll nothing
+    is bounded, and every message still arrives once, in order."""
+    ring = rings(writable=False, buf_size=8192)
+    south = ring.south
+    south.poll_bytes = 20_000
+    sent = _msgs(COUNT, size=8000)
+    assert ring.north.send_many(sent) == COUNT
+    got: list[bytes] = []
+    polls = 0
+    while len(got) < COUNT:
+        south.disable_notify()
+        taken = 0
+        while True:  # a device draining "everything" within one poll
+            data, lens = south.read_span(COUNT, gather=True)
+            if not lens:
+                break
+            taken += len(data)
+            got += [data[i : i + 8000] for i in range(0, len(data), 8000)]
+        assert 0 < taken <= 20_000 + 8000  # the credit, overshot by one message at most
+        polls += 1
+        south.enable_notify()
+    assert got == sent and polls >= COUNT // 3
+    south.poll_bytes = 1  # a message bigger than the credit still moves, one per poll
+    assert ring.north.send_many(sent[:2]) == 2
+    south.disable_notify()
+    assert len(south.pop_many(COUNT)) == 1
+    assert south.pop_many(COUNT) == []

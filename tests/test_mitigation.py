@@ -7,13 +7,15 @@ loop exception handler that records: an error escaping into the loop is a failur
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
-from vbus.mitigation import NapiPoller, PollGroup, wait_for_work
+from vbus.errors import Fault
+from vbus.mitigation import EMPTY_WAKEUPS, NapiPoller, PollGroup, wait_for_work
 from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, EventfdTransport, ShmSignal
 
 T = TypeVar("T")
@@ -427,3 +429,49 @@ async def test_cancelled_wait_leaves_no_reader(
         assert not still_watched(call.fd)
     finally:
         call.close()
+
+
+class Unproductive(EventfdTransport):
+    """A transport that stays readable but whose reads never yield anything,
+    as when the other side drains a shared eventfd first."""
+
+    def drain(self) -> int:
+        return 0
+
+
+class Unreadable(EventfdTransport):
+    def drain(self) -> int:
+        raise Fault("kick eventfd: read failed: Bad file descriptor")
+
+
+async def test_a_descriptor_readable_without_progress_faults(
+    loop_errors: list[dict[str, Any]],
+) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[BaseException] = []
+    transport = Unproductive(os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+    poller = NapiPoller(loop, FakeTarget(loop), errors.append)
+    try:
+        poller.watch(transport)  # readable forever: the counter is never read
+        await until(lambda: bool(errors))
+        assert "readable" in str(errors[0]) and isinstance(errors[0], Fault)
+        assert poller.stats.wakeups == EMPTY_WAKEUPS - 1
+        assert not still_watched(transport.fd)
+    finally:
+        poller.close()
+        transport.close()
+
+
+async def test_a_failing_drain_is_contained(loop_errors: list[dict[str, Any]]) -> None:
+    loop = asyncio.get_running_loop()
+    errors: list[BaseException] = []
+    transport = Unreadable(os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+    poller = NapiPoller(loop, FakeTarget(loop), errors.append)
+    try:
+        poller.watch(transport)
+        await until(lambda: bool(errors))
+        await spin()
+        assert [str(e) for e in errors] == ["kick eventfd: read failed: Bad file descriptor"]
+    finally:
+        poller.close()
+        transport.close()

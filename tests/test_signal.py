@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import struct
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from vbus.errors import Fault
-from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, EventfdTransport, ShmSignal
+from vbus.errors import Fault, Invalid
+from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, EventfdTransport, SharedEventfd, ShmSignal
 
 OFFSET = 32  # not at the start of the buffer: offsets must be honoured
 
@@ -195,3 +196,71 @@ def test_close_is_idempotent_and_really_closes() -> None:
         os.fstat(fd)
     t.close()
     assert t.fd == -1
+
+
+# --- descriptors shared with another context (SharedEventfd) --------------------
+
+
+@pytest.fixture
+def fds() -> Iterator[list[int]]:
+    opened: list[int] = []
+    yield opened
+    for fd in opened:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _eventfd(fds: list[int], flags: int = 0) -> int:
+    fd = os.eventfd(0, flags | os.EFD_CLOEXEC)
+    fds.append(fd)
+    return fd
+
+
+def test_adopt_refuses_what_is_not_a_usable_eventfd(fds: list[int]) -> None:
+    r, w = os.pipe()
+    fds += [r, w]
+    with pytest.raises(Invalid, match="not an eventfd"):
+        SharedEventfd.adopt(r, "kick", read=True)
+    with pytest.raises(Invalid, match="not an eventfd"):
+        SharedEventfd.adopt(12345, "kick", read=True)  # not open at all
+    path = os.open(f"/proc/self/fd/{_eventfd(fds)}", os.O_PATH)
+    fds.append(path)
+    with pytest.raises(Invalid, match="O_PATH"):
+        SharedEventfd.adopt(path, "call", read=False)
+    semaphore = _eventfd(fds, os.EFD_SEMAPHORE)
+    os.eventfd_write(semaphore, 2**40)
+    with pytest.raises(Invalid, match="semaphore"):
+        SharedEventfd.adopt(semaphore, "kick", read=True)
+
+
+def test_reads_never_block_whatever_the_flags(fds: list[int]) -> None:
+    fd = _eventfd(fds)  # a blocking description, as the other side may leave it
+    transport = SharedEventfd.adopt(fd, "kick", read=True)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    started = time.monotonic()
+    assert transport.drain() == 0
+    assert time.monotonic() - started < 1
+    os.eventfd_write(fd, 3)
+    assert transport.drain() == 3
+    assert transport.drain() == 0
+
+
+def test_a_write_that_would_block_is_a_fault_not_a_hang(fds: list[int]) -> None:
+    fd = _eventfd(fds)
+    transport = SharedEventfd.adopt(fd, "call", read=False)
+    transport.kick()
+    assert os.eventfd_read(fd) == 1
+    # The other side fills the counter and clears O_NONBLOCK on the shared description.
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    os.eventfd_write(fd, 2**64 - 2)
+    started = time.monotonic()
+    with pytest.raises(Fault, match="would block"):
+        transport.kick()
+    assert time.monotonic() - started < 2  # interrupted by the guard, not stuck
+    # With O_NONBLOCK set, a full counter only means wake-ups are queued.
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    transport.kick()
+    # The guard is disarmed after every kick: no stray SIGALRM later.
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -98,9 +98,16 @@ class Queue(Protocol):
         """Mitigated south->north signal; True if the transport was kicked."""
         ...
 
-    def disable_notify(self) -> None: ...
+    def disable_notify(self) -> None:
+        """Start of a poll: no wake-ups until ``enable_notify``.  The poll gets a
+        byte credit (``poll_bytes``): the read paths take at least one buffer
+        and stop once the credit is spent, so that a north posting huge or
+        overlapping buffers cannot make one poll hold the loop; ``pending()``
+        still counts what is left, so the poller comes back for it."""
+        ...
 
     def enable_notify(self) -> bool:
-        """Ask to be woken, full fence, re-check: True if work is already pending
-        (the caller must poll again instead of sleeping)."""
+        """End of a poll: ask to be woken, full fence, re-check: True if work is
+        already pending (the caller must poll again instead of sleeping).
+        Outside a poll the byte credit does not apply."""
         ...

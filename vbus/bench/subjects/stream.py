@@ -229,6 +229,7 @@ def _ceiling(params: Params, *, spin: bool = False) -> Figures:
                 if lens[-1] != size:
                     break
             elif spin:
+                south.disable_notify()  # a new poll: a fresh byte credit, as the poller does
                 os.sched_yield()  # nothing there: let a peer sharing this CPU run
             elif not south.enable_notify():  # arm, fence, re-check
                 os.eventfd_read(kick.fd)
