@@ -946,7 +946,7 @@ def test_ids_are_per_bus_and_reveal_nothing_of_other_buses(topo: Topology) -> No
     assert topo.find_device("b", 1).name == "b1"
     assert topo.find_device("b", 2).name == "shared"
     for ref in (3, 4, "a1"):  # exists on a only: the same answer as nothing at all
-        with pytest.raises(NotFound, match="^no such device$"):
+        with pytest.raises(NotFound, match=r"^no such device$"):
             topo.find_device("b", ref)
     # Ids are never reused on a bus: an old id cannot alias a new device.
     topo.unlink("b", "b1")
