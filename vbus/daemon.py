@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from vbus import __version__
 from vbus.admin.fs import AdminTree
 from vbus.admin.mount import AdminMount, mount_admin_tree
 from vbus.admin.state import StateStore, default_state_path
-from vbus.connectors.userspace import Limits, UserspaceConnector
+from vbus.connectors.base import Connector, Limits
+from vbus.connectors.userspace import UserspaceConnector
 from vbus.core.config import apply_config, default_config_text, load_config_text
 from vbus.core.model import Topology
 from vbus.core.registry import Registry
@@ -232,10 +234,10 @@ async def serve(args: argparse.Namespace) -> int:
             "loop_lag_p50_ms": round(monitor.percentile(0.5) * 1e3, 3),
             "loop_lag_p99_ms": round(monitor.percentile(0.99) * 1e3, 3),
             "loop_lag_max_ms": round(monitor.worst * 1e3, 3),
-            "clients": len(connector.peers),
+            "clients": sum(c.clients() for c in connectors),
             "connections": len(topology.connections()),
-            **{f"clients_{key}": value for key, value in connector.counters.items()},
-            **connector.queue_totals(),
+            **_summed((c.counters for c in connectors), prefix="clients_"),
+            **_summed(c.queue_totals() for c in connectors),
             "rss_kib": _rss_kib(),
             "fds": len(os.listdir("/proc/self/fd")),
             "shm_bytes": ledger.shm,
@@ -247,11 +249,16 @@ async def serve(args: argparse.Namespace) -> int:
             "errors_logged": errors_logged(),
         }
 
-    connector = UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger)
+    connectors: list[Connector] = [
+        UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger)
+    ]
     try:
         _clear_stale_socket(sock_path)
-        connector.start()
+        for connector in connectors:
+            connector.start()
     except OSError as exc:
+        for connector in connectors:
+            connector.stop("daemon failed to start")
         lock.close()
         raise StartupError(f"cannot serve {sock_path}: {exc.strerror}") from None
 
@@ -288,7 +295,8 @@ async def serve(args: argparse.Namespace) -> int:
         pruner.cancel()
         if admin is not None:
             await admin.unmount()
-        connector.stop("daemon stopping")
+        for connector in connectors:
+            connector.stop("daemon stopping")
         monitor.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -419,6 +427,15 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise StartupError(f"{path} is served by another process; stop it or use --run-dir")
+
+
+def _summed(parts: Iterable[dict[str, int]], prefix: str = "") -> dict[str, int]:
+    """Counters of every connector, added key by key."""
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, value in part.items():
+            total[prefix + key] = total.get(prefix + key, 0) + value
+    return total
 
 
 def _rss_kib() -> int:
