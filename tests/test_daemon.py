@@ -60,7 +60,10 @@ def test_config_file_topology(vbusd, tmp_path: Path) -> None:
 def test_bad_config_refused_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[devices.a]\nclass = "nosuchclass"\n')
-    result = run([*VBUSD, "--run-dir", str(tmp_path / "run"), "--config", str(config)])
+    state = tmp_path / "state.json"  # never the system's: a `make run` daemon may hold it
+    result = run(
+        [*VBUSD, "--run-dir", str(tmp_path / "run"), "--state", str(state), "--config", str(config)]
+    )
     assert result.returncode == 1
     assert "vbusd: bad topology in" in result.stderr
     assert "nosuchclass" in result.stderr
@@ -95,7 +98,7 @@ def test_sigint_exits_zero(vbusd) -> None:
 
 def test_second_daemon_on_the_same_run_dir_is_refused(vbusd) -> None:
     daemon: Daemon = vbusd()
-    result = run([*VBUSD, "--run-dir", str(daemon.run_dir)])
+    result = run([*VBUSD, "--run-dir", str(daemon.run_dir), "--state", str(daemon.state)])
     assert result.returncode == 1
     assert f"another vbusd (pid {daemon.pid}) is already serving" in result.stderr
     # The first one is unharmed.

@@ -125,6 +125,10 @@ class BufferMemory:
             view.release()
         self._views.clear()
 
+    def close(self) -> None:
+        """Release the views handed out (the buffer itself is the caller's)."""
+        self.release()
+
 
 class MemfdRegion(BufferMemory):
     """A sealed memfd mapped shared; the fd itself is not kept."""
