@@ -194,6 +194,16 @@ def test_request_before_hello_is_refused(vbusd) -> None:
     assert raw.is_closed_by_peer()
 
 
+def test_no_common_version_gets_an_error_and_an_immediate_hang_up(vbusd) -> None:
+    daemon: Daemon = vbusd("--handshake-timeout", "30")
+    raw = RawClient(daemon.socket)
+    started = time.monotonic()
+    reply = raw.request(protocol.Hello(90, 99, "from the future"))
+    assert isinstance(reply, protocol.Error) and "wire versions 90..99" in reply.message
+    assert raw.is_closed_by_peer()
+    assert time.monotonic() - started < 10  # not after the handshake timeout
+
+
 def test_oversized_message_gets_an_error_and_a_disconnect(vbusd) -> None:
     daemon: Daemon = vbusd()
     raw = RawClient(daemon.socket)
