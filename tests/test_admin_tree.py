@@ -468,6 +468,37 @@ async def test_forced_bus_removal_faults_connections(tree: Tree) -> None:
     assert tree.cat("devices/echo0/stats").endswith("connections 0\n")
 
 
+async def test_a_client_without_devices_is_a_user_of_its_bus(tree: Tree) -> None:
+    async with connect(tree.daemon.socket) as bus:
+        await asyncio.to_thread(tree.fails, "rmdir buses/default", "Device or resource busy")
+        assert [d.name for d in await bus.devices()] == ["echo0"]
+        await asyncio.to_thread(tree.ok, "echo 1 > buses/default/force && rmdir buses/default")
+        event = await _event(bus)
+        assert (event.kind, event.handle) == (protocol.EventKind.BUS_GONE, 0)
+        with pytest.raises(VbusError):
+            await bus.devices()
+    assert tree.ok("ls buses") == ""
+
+
+async def test_removing_its_rule_expels_a_connected_client(tree: Tree) -> None:
+    async with connect(tree.daemon.socket) as idle, connect(tree.daemon.socket) as busy:
+        device = await busy.open("echo0")
+        rule = f"uid:{os.getuid()}"
+        await asyncio.to_thread(tree.ok, f"echo -{rule} > buses/default/members")
+        for bus in (idle, busy):
+            event = await _event(bus)
+            while event.handle:  # the open device's own notice comes first
+                event = await _event(bus)
+            assert event.kind == protocol.EventKind.BUS_GONE
+            assert "no longer a member of bus 'default'" in event.reason
+        with pytest.raises(VbusError):
+            await idle.devices()
+        with pytest.raises(VbusError):
+            await device.call(1, b"x")
+        await asyncio.to_thread(tree.ok, f"echo {rule} > buses/default/members")
+    assert tree.cat("buses/default/connections") == ""
+
+
 async def test_connections_show_at_once(tree: Tree) -> None:
     assert tree.cat("buses/default/connections") == ""
     async with connect(tree.daemon.socket) as bus:
