@@ -352,9 +352,7 @@ def test_domid_members(tree: Tree) -> None:
     tree.ok("printf 'domid:8\\ndomid:32751\\n' > buses/b1/members")
     assert tree.cat("buses/b1/members") == "domid:32751\ndomid:8\nuid:7\n"
     # A bad line refuses the whole write (one write(2), as for uid rules).
-    tree.fails(
-        "/usr/bin/printf 'domid:9\\ndomid:0\\n' > buses/b1/members", "Invalid argument"
-    )
+    tree.fails("/usr/bin/printf 'domid:9\\ndomid:0\\n' > buses/b1/members", "Invalid argument")
     assert tree.cat("buses/b1/members") == "domid:32751\ndomid:8\nuid:7\n"
     tree.ok("echo -domid:8 > buses/b1/members")
     tree.ok("echo -domid:7 > buses/b0/members && echo domid:7 > buses/b1/members")
