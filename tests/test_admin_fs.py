@@ -25,7 +25,7 @@ from vbus.admin.tree import (
     link_target_device,
     parse_member_lines,
 )
-from vbus.core.members import Peer
+from vbus.core.members import Domain, Peer, Vm
 from vbus.core.model import Topology
 from vbus.core.registry import Registry
 from vbus.devices.echo import Echo
@@ -127,6 +127,12 @@ def test_member_lines() -> None:
     for bad in ("", "\n", "uid:x", "5\nnope", "--5", "pid:self"):
         with pytest.raises(Invalid):
             parse_member_lines(bad)
+    assert parse_member_lines("domid:7\n-domid:8\n") == [(True, "domid:7"), (False, "domid:8")]
+    for bad in ("domid:0", "-domid:0", "domid:32752", "domid:7\ndomid:x", "domid:self"):
+        with pytest.raises(Invalid):
+            parse_member_lines(bad)
+    with pytest.raises(Invalid, match="domid:N"):
+        parse_member_lines("\n")
 
 
 def test_mountinfo() -> None:
@@ -263,6 +269,25 @@ def test_view_members_and_force() -> None:
     view.write(("buses", "b0", "members"), "-10\n")
     assert view.read(("buses", "b0", "members")) == ""
 
+    view.write(("buses", "b0", "members"), "domid:7\n")
+    view.write(("buses", "b0", "members"), "domid:9\n-domid:7\ndomid:8\n")
+    assert view.read(("buses", "b0", "members")) == "domid:8\ndomid:9\n"
+    view.mkdir(("buses", "b1"))
+    with pytest.raises(Busy):
+        view.write(("buses", "b1", "members"), "domid:8\n")
+    with pytest.raises(Invalid, match="dom0"):
+        view.write(("buses", "b1", "members"), "domid:0\n")
+    with pytest.raises(Invalid, match="out of range"):
+        view.write(("buses", "b1", "members"), "domid:32752\n")
+    with pytest.raises(Invalid):  # the syntax of every line first: nothing applied
+        view.write(("buses", "b1", "members"), "domid:5\ndomid:zero\n")
+    with pytest.raises(NotFound):
+        view.write(("buses", "b1", "members"), "-domid:8\n")
+    assert view.read(("buses", "b1", "members")) == ""
+    assert topology.snapshot()["buses"]["b0"]["domids"] == [8, 9]
+    view.write(("buses", "b0", "members"), "-domid:8\n-domid:9\n")
+    view.rmdir(("buses", "b1"))
+
     # force lives with the bus object, not its name
     view.symlink(("buses", "b0", "echo0"), "../../devices/echo0")
     conn = topology.open("b0", "echo0", Peer(10, 2000, 2000, 50), "test", no_revoke)
@@ -293,6 +318,14 @@ def test_view_reads() -> None:
     view.mkdir(("devices", "bare"))
     assert view.read(("devices", "bare", "type")) == "\n"
     assert view.read(("devices", "bare", "stats")) == "connections 0\n"
+    topology.open("default", "echo0", Domain(7), "xen", no_revoke)
+    topology.open("default", "echo0", Vm(Peer(11, 0, 0, 60), "guest0"), "kvm", no_revoke)
+    lines = view.read(("buses", "default", "connections")).splitlines()
+    assert " domid=7 device=echo0 connector=xen " in lines[1]
+    assert "pid=" not in lines[1]
+    assert " vm=guest0 pid=11 uid=0 gid=0 device=echo0 connector=kvm " in lines[2]
+    for conn_line in lines:  # every listing line stays key=value words
+        assert all("=" in word for word in conn_line.split())
 
 
 # --- the FUSE handlers, called directly -------------------------------------------------------

@@ -339,6 +339,45 @@ def test_members(tree: Tree) -> None:
         sleeper.wait()
 
 
+def test_domid_members(tree: Tree) -> None:
+    tree.ok("mkdir buses/b0 buses/b1")
+    tree.ok("echo domid:7 > buses/b0/members")
+    assert tree.cat("buses/b0/members") == "domid:7\n"
+    tree.fails("echo domid:7 > buses/b1/members", "Device or resource busy")
+    tree.fails("echo domid:007 > buses/b0/members", "File exists")
+    tree.ok("echo uid:7 > buses/b1/members")  # uid 7 is not domid 7
+    for refused in ("domid:0", "domid:32752", "domid:x", "domid:self", "domid:", "-domid:0"):
+        tree.fails(f"echo {refused} > buses/b1/members", "Invalid argument")
+    tree.fails("echo -domid:8 > buses/b1/members", "No such file or directory")
+    tree.ok("printf 'domid:8\\ndomid:32751\\n' > buses/b1/members")
+    assert tree.cat("buses/b1/members") == "domid:32751\ndomid:8\nuid:7\n"
+    # A bad line refuses the whole write (one write(2), as for uid rules).
+    tree.fails("/usr/bin/printf 'domid:9\\ndomid:0\\n' > buses/b1/members", "Invalid argument")
+    assert tree.cat("buses/b1/members") == "domid:32751\ndomid:8\nuid:7\n"
+    tree.ok("echo -domid:8 > buses/b1/members")
+    tree.ok("echo -domid:7 > buses/b0/members && echo domid:7 > buses/b1/members")
+    assert tree.cat("buses/b0/members") == ""
+    assert tree.cat("buses/b1/members") == "domid:32751\ndomid:7\nuid:7\n"
+    state = tree.state()["buses"]
+    assert (state["b0"]["domids"], state["b1"]["domids"]) == ([], [7, 32751])
+    assert state["b1"]["uids"] == [7]
+    # What the state file holds comes back after a restart.
+    first = tree.daemon
+    assert first.stop() == 0
+    again = Daemon(first.run_dir, first.args)
+    again.log_path = first.run_dir.parent / f"{first.run_dir.name}.again.log"
+    again.admin = first.admin
+    again.start()
+    try:
+        assert again.admin_mounted, again.log()
+        restored = Tree(again, tree.root)
+        assert restored.cat("buses/b1/members") == "domid:32751\ndomid:7\nuid:7\n"
+        restored.fails("echo domid:7 > buses/b0/members", "Device or resource busy")
+    finally:
+        assert again.stop() == 0, again.log()
+    assert '"admin.error"' not in again.log()
+
+
 def test_force_flag(tree: Tree) -> None:
     tree.ok("mkdir buses/b0")
     tree.fails("echo 2 > buses/b0/force", "Invalid argument")

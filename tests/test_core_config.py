@@ -9,7 +9,7 @@ import pytest
 
 from vbus.core.config import apply_config, default_config_text, load_config_text
 from vbus.core.device import Attribute, DeviceModel, Session
-from vbus.core.members import Peer
+from vbus.core.members import Domain, Peer
 from vbus.core.model import Connection, Topology
 from vbus.core.registry import Registry
 from vbus.errors import Busy, Exists, Invalid, NoSuchTask, NotFound, VbusError
@@ -131,6 +131,10 @@ def test_load_empty_config() -> None:
         ("[buses.default]\nmembers = ['uid:1', 'uid:1']", "buses.default.members"),
         ("[buses.default]\nmembers = ['gid:1']", "buses.default.members"),
         ("[buses.default]\nmembers = ['pid:0']", "buses.default.members"),
+        ("[buses.default]\nmembers = ['domid:0']", "buses.default.members"),
+        ("[buses.default]\nmembers = ['domid:32752']", "buses.default.members"),
+        ("[buses.default]\nmembers = ['domid:self']", "buses.default.members"),
+        ("[buses.default]\nmembers = ['domid:7', 'domid:7']", "buses.default.members"),
         ("[buses.default]\ndevices = 'echo0'", "buses.default.devices"),
         ("[buses.default]\ndevices = ['echo0']", "buses.default.devices"),
         (
@@ -176,6 +180,12 @@ def test_apply_config(topo: Topology) -> None:
         ("[buses.a]\nmembers = ['pid:4242']", NoSuchTask, "buses.a.members"),
         ("[buses.a]\nmembers = ['uid:5']\n[buses.b]\nmembers = ['uid:5']", Busy, "buses.b.members"),
         ("[buses.a]\nmembers = ['uid:7', 'uid:007']", Exists, "buses.a.members"),
+        (
+            "[buses.a]\nmembers = ['domid:5']\n[buses.b]\nmembers = ['domid:5']",
+            Busy,
+            "buses.b.members",
+        ),
+        ("[buses.a]\nmembers = ['domid:7', 'domid:007']", Exists, "buses.a.members"),
     ],
 )
 def test_apply_errors_are_all_or_nothing(
@@ -187,6 +197,26 @@ def test_apply_errors_are_all_or_nothing(
     assert info.value.message.startswith(f"{SOURCE}: {where}: "), info.value.message
     assert topo.snapshot()["devices"] == {}
     assert topo.snapshot()["buses"] == {}
+
+
+def test_domid_members(topo: Topology) -> None:
+    text = "[buses.xen]\nmembers = ['domid:7', 'domid:32751', 'uid:7']\n"
+    cfg = load_config_text(text, SOURCE)
+    assert cfg["buses"]["xen"]["members"] == ["domid:7", "domid:32751", "uid:7"]
+    apply_config(topo, cfg)
+    assert topo.members("xen") == ["domid:32751", "domid:7", "uid:7"]
+    assert topo.resolve(Domain(7)) is topo.bus("xen")
+    assert topo.resolve(Domain(8)) is None
+    assert topo.snapshot()["buses"]["xen"]["domids"] == [7, 32751]
+
+
+def test_dom0_refusal_says_why() -> None:
+    with pytest.raises(Invalid) as info:
+        load_config_text("[buses.x]\nmembers = ['domid:0']\n", SOURCE)
+    assert info.value.message == (
+        f"{SOURCE}: buses.x.members: bad member rule 'domid:0': "
+        "domid 0 is dom0, which is never a member"
+    )
 
 
 def test_apply_twice_conflicts_and_keeps_the_first(topo: Topology) -> None:

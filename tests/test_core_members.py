@@ -1,5 +1,6 @@
-"""Member rules: parsing, resolution through ancestry, conflicts, and what a
-membership change does to open connections."""
+"""Member rules and identities: parsing, resolution of each identity kind
+(process, Xen domain, VM through its VMM), ancestry, conflicts, denial, and
+what a membership change does to open connections."""
 
 from __future__ import annotations
 
@@ -12,17 +13,25 @@ from hypothesis import strategies as st
 
 from vbus.core.device import DeviceModel, Session
 from vbus.core.members import (
+    DOMID_FIRST_RESERVED,
     MAX_ANCESTRY,
+    NOT_A_MEMBER,
+    Domain,
+    DomidRule,
+    Identity,
     MemberIndex,
     Peer,
     PidRule,
     UidRule,
+    Vm,
+    identity_fields,
     parse_rule,
+    process_of,
     rule_syntax,
 )
-from vbus.core.model import Connection, Topology
+from vbus.core.model import Connection, Member, Topology
 from vbus.core.registry import Registry
-from vbus.errors import Busy, Exists, Invalid, NoSuchTask, NotFound, from_errno
+from vbus.errors import Busy, Denied, Exists, Invalid, NoSuchTask, NotFound, from_errno
 
 SELF_UID = 1000
 
@@ -95,6 +104,10 @@ def topo(tasks: FakeTasks) -> Topology:
         ("007", ("pid", 7)),
         ("uid:4294967294", ("uid", 4294967294)),
         ("pid:2147483647", ("pid", 2147483647)),
+        ("domid:1", ("domid", 1)),
+        ("domid:7", ("domid", 7)),
+        (" domid:007\n", ("domid", 7)),
+        ("domid:32751", ("domid", 32751)),
     ],
 )
 def test_rule_syntax_accepts(text: str, parsed: tuple[str, int | None]) -> None:
@@ -125,11 +138,46 @@ def test_rule_syntax_accepts(text: str, parsed: tuple[str, int | None]) -> None:
         "1 2",
         "٣",
         "pid:5\0",
+        "domid:0",
+        "domid:00",
+        "domid:32752",
+        "domid:65535",
+        "domid:-1",
+        "domid:self",
+        "domid:",
+        "domid:x",
+        "domid 7",
+        "DOMID:7",
+        "dom:7",
+        "domid:99999999999",
     ],
 )
 def test_rule_syntax_rejects(text: str) -> None:
     with pytest.raises(Invalid):
         rule_syntax(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("domid:0", "bad member rule 'domid:0': domid 0 is dom0, which is never a member"),
+        ("domid:32752", "bad member rule 'domid:32752': domid out of range (1..32751)"),
+        ("domid:self", "bad member rule 'domid:self': only uid:self is allowed"),
+        ("domid:x", "bad member rule 'domid:x': expected uid:N, uid:self, pid:N, N (a pid)"),
+    ],
+)
+def test_domid_refusals_say_why(text: str, reason: str) -> None:
+    with pytest.raises(Invalid) as info:
+        rule_syntax(text)
+    assert info.value.message.startswith(reason)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_domid_range_is_xens() -> None:
+    assert DOMID_FIRST_RESERVED == 0x7FF0  # DOMID_SELF, DOMID_IO... name no domain
+    assert rule_syntax(f"domid:{DOMID_FIRST_RESERVED - 1}") == ("domid", 0x7FEF)
+    with pytest.raises(Invalid):
+        rule_syntax(f"domid:{DOMID_FIRST_RESERVED}")
 
 
 def test_rule_syntax_rejects_non_text() -> None:
@@ -144,6 +192,9 @@ def test_parse_rule(tasks: FakeTasks) -> None:
     assert parse_rule("uid:self", tasks, 0) == UidRule(0)
     assert parse_rule("pid:42", tasks, SELF_UID) == PidRule(42, 777)
     assert parse_rule("42\n", tasks, SELF_UID) == PidRule(42, 777)
+    tasks.lookups = 0
+    assert parse_rule("domid:7", tasks, SELF_UID) == DomidRule(7)
+    assert tasks.lookups == 0  # a domid is no process: nothing is looked up
 
 
 def test_parse_rule_missing_task_is_no_such_task(tasks: FakeTasks) -> None:
@@ -161,6 +212,49 @@ def test_rule_text_forms() -> None:
     assert str(PidRule(9, 123)) == "pid:9" == PidRule(9, 123).text
     assert PidRule(9, 1) != PidRule(9, 2)
     assert hash(UidRule(3)) == hash(UidRule(3))
+    assert str(DomidRule(7)) == "domid:7" == DomidRule(7).text
+    assert DomidRule(7) == DomidRule(7)
+    assert len({DomidRule(7), UidRule(7), PidRule(7, 1)}) == 3
+
+
+@pytest.mark.parametrize("domid", [0, -1, DOMID_FIRST_RESERVED, True, "7", 7.0])
+def test_domid_rule_objects_are_checked_too(domid: Any) -> None:
+    # Rules built directly (snapshot, callers) get the same refusals as the text.
+    with pytest.raises(Invalid):
+        DomidRule(domid)
+
+
+# --- identities -----------------------------------------------------------------------
+
+
+def test_domain_identity() -> None:
+    assert Domain(7) == Domain(7) and hash(Domain(7)) == hash(Domain(7))
+    assert Domain(0).domid == 0  # dom0 is an identity; no rule can admit it
+    assert Domain(DOMID_FIRST_RESERVED - 1).domid == 0x7FEF
+    for bad in (-1, DOMID_FIRST_RESERVED, 0xFFFF, True, "7", None):
+        with pytest.raises(Invalid):
+            Domain(bad)  # type: ignore[arg-type]
+
+
+def test_vm_identity() -> None:
+    vmm = Peer(10, 2000, 2000, 5)
+    assert Vm(vmm, "guest0").vmm is vmm
+    assert Vm(vmm, "guest0") == Vm(vmm, "guest0") != Vm(vmm, "guest1")
+    for bad in ("", "two words", "tab\there", "nl\n", "x" * 256, 7):
+        with pytest.raises(Invalid):
+            Vm(vmm, bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Vm(Domain(3), "guest0")  # type: ignore[arg-type]
+
+
+def test_process_of_and_fields() -> None:
+    vmm = Peer(10, 2000, 3000, 5)
+    assert process_of(vmm) is vmm
+    assert process_of(Vm(vmm, "g")) is vmm
+    assert process_of(Domain(3)) is None
+    assert identity_fields(vmm) == {"pid": 10, "uid": 2000, "gid": 3000}
+    assert identity_fields(Vm(vmm, "g")) == {"vm": "g", "pid": 10, "uid": 2000, "gid": 3000}
+    assert identity_fields(Domain(3)) == {"domid": 3}
 
 
 @given(st.text())
@@ -171,7 +265,14 @@ def test_parse_rule_raises_only_invalid_or_no_such_task(text: str) -> None:
         rule = parse_rule(text, tasks, SELF_UID)
     except (Invalid, NoSuchTask):
         return
-    assert isinstance(rule, UidRule | PidRule)
+    assert isinstance(rule, UidRule | PidRule | DomidRule)
+
+
+@given(st.integers(min_value=1, max_value=DOMID_FIRST_RESERVED - 1))
+def test_domid_rule_round_trips_text(domid: int) -> None:
+    rule = parse_rule(f"domid:{domid}", FakeTasks(), SELF_UID)
+    assert rule == DomidRule(domid)
+    assert parse_rule(str(rule), FakeTasks(), SELF_UID) == rule
 
 
 @given(st.integers(min_value=1, max_value=2**31 - 1))
@@ -337,6 +438,17 @@ def test_member_index_directly(tasks: FakeTasks) -> None:
     index.discard(UidRule(6))
     assert index.pid_rules(7) == {}
     assert index.resolve(Peer(1, 5, 5), tasks) == "x"
+    index.add(DomidRule(5), "z")
+    assert len(index) == 2
+    assert index.bus_of(DomidRule(5)) == "z"
+    assert index.resolve(Domain(5), tasks) == "z"
+    assert index.resolve(Peer(1, 5, 5), tasks) == "x"  # uid 5 and domid 5 do not mix
+    with pytest.raises(AssertionError):
+        index.add(DomidRule(5), "x")
+    index.discard(DomidRule(5))
+    index.discard(DomidRule(5))
+    assert index.resolve(Domain(5), tasks) is None
+    assert len(index) == 1
 
 
 # --- adding and removing rules -----------------------------------------------------
@@ -489,7 +601,7 @@ class Revocations:
         self.seen.append((conn.id, kind, reason))
 
 
-def _open(topo: Topology, peer: Peer, revoke: Revocations) -> Connection:
+def _open(topo: Topology, peer: Identity, revoke: Revocations) -> Connection:
     bus = topo.resolve(peer)
     assert bus is not None
     return topo.open(bus, "dev", peer, "userspace", revoke)
@@ -531,4 +643,175 @@ def test_moving_a_peer_to_another_bus_revokes_its_connections(
     assert [kind for _, kind, _ in revoke.seen] == ["bus_gone"]
     assert conn.closed
     again = _open(topo, peer, revoke)
+    assert again.bus is topo.bus("b")
+
+
+# --- domains and VMs ---------------------------------------------------------------------
+
+
+def test_domid_rule_admits_that_domain_only(topo: Topology) -> None:
+    topo.add_member("a", "domid:7")
+    assert topo.resolve(Domain(7)) is topo.bus("a")
+    assert topo.resolve(Domain(8)) is None
+    assert topo.resolve(Domain(0)) is None
+
+
+def test_domids_and_process_numbers_do_not_mix(topo: Topology, tasks: FakeTasks) -> None:
+    proc = tasks.spawn(7, uid=7)
+    topo.add_member("a", "domid:7")
+    topo.add_member("b", "uid:8")
+    topo.add_member("c", "pid:7")
+    assert topo.resolve(proc) is topo.bus("c")  # the pid rule, never the domid one
+    assert topo.resolve(tasks.spawn(20, uid=7)) is None  # uid 7 is not domid 7
+    assert topo.resolve(Domain(8)) is None  # domid 8 is not uid 8
+    assert topo.resolve(Domain(7)) is topo.bus("a")
+    tasks.lookups = 0
+    topo.resolve(Domain(7))
+    assert tasks.lookups == 0  # a domain has no process to look up
+
+
+def test_dom0_is_never_a_member(topo: Topology, tasks: FakeTasks) -> None:
+    with pytest.raises(Invalid, match="dom0"):
+        topo.add_member("a", "domid:0")
+    with pytest.raises(Invalid, match="dom0"):
+        topo.add_member("a", DomidRule(0))
+    topo.add_member("a", "uid:0")
+    tasks.spawn(1, ppid=0, starttime=1, uid=0)
+    topo.add_member("b", "pid:1")
+    assert topo.resolve(Domain(0)) is None
+    assert topo.members("a") == ["uid:0"]
+
+
+def test_vm_resolves_exactly_as_its_vmm(topo: Topology, tasks: FakeTasks) -> None:
+    tasks.spawn(10, starttime=50, uid=2000)
+    vmm = tasks.spawn(11, ppid=10, starttime=60, uid=2000)
+    other_vmm = tasks.spawn(12, starttime=70, uid=2000)
+    guest, other = Vm(vmm, "guest0"), Vm(other_vmm, "guest1")
+    assert topo.resolve(guest) is None
+    topo.add_member("a", "uid:2000")
+    assert topo.resolve(guest) is topo.bus("a") is topo.resolve(other)
+    topo.add_member("b", "pid:10")  # the VMM's parent: nearest pid rule beats the uid
+    assert topo.resolve(guest) is topo.bus("b") is topo.resolve(vmm)
+    assert topo.resolve(other) is topo.bus("a")
+    topo.add_member("c", "domid:11")  # a VM is never matched by a domid rule
+    topo.remove_member("a", "uid:2000")
+    assert topo.resolve(other) is None
+
+
+def test_vm_of_a_recycled_vmm_pid_is_not_admitted(topo: Topology, tasks: FakeTasks) -> None:
+    vmm = tasks.spawn(10, starttime=50)
+    topo.add_member("a", "pid:10")
+    assert topo.resolve(Vm(vmm, "g")) is topo.bus("a")
+    tasks.kill(10)
+    newcomer = tasks.spawn(10, starttime=51)
+    assert topo.resolve(Vm(newcomer, "g")) is None
+    assert topo.resolve(Vm(Peer(10, 2000, 2000), "g")) is None
+
+
+def test_same_domid_on_two_buses_is_busy(topo: Topology) -> None:
+    assert topo.add_member("a", "domid:7") == DomidRule(7)
+    with pytest.raises(Busy) as info:
+        topo.add_member("b", "domid:7")
+    assert info.value.errno == errno.EBUSY
+    with pytest.raises(Busy):
+        topo.add_member("b", DomidRule(7))
+    with pytest.raises(Exists):
+        topo.add_member("a", "domid:007")
+    topo.add_member("b", "domid:8")
+    topo.add_member("b", "uid:7")  # another number space: no conflict
+    assert topo.members("a") == ["domid:7"]
+    assert topo.members("b") == ["domid:8", "uid:7"]
+
+
+def test_remove_domid_member(topo: Topology) -> None:
+    topo.add_member("a", "domid:7")
+    with pytest.raises(NotFound):
+        topo.remove_member("b", "domid:7")
+    with pytest.raises(NotFound):
+        topo.remove_member("a", "domid:8")
+    with pytest.raises(NotFound):
+        topo.remove_member("a", "uid:7")
+    with pytest.raises(Invalid):
+        topo.remove_member("a", "domid:0")
+    topo.remove_member("a", "domid:7")
+    assert topo.resolve(Domain(7)) is None
+    topo.add_member("b", "domid:7")  # free again
+    assert topo.resolve(Domain(7)) is topo.bus("b")
+    topo.remove_member("b", DomidRule(7))
+    topo.add_member("c", "domid:7")
+    topo.remove_bus("c")  # a removed bus frees its domids too
+    topo.add_member("a", "domid:7")
+
+
+def test_prune_leaves_domid_rules(topo: Topology) -> None:
+    topo.add_member("a", "domid:7")
+    assert topo.prune_members() == 0
+    assert topo.members("a") == ["domid:7"]
+
+
+def _denial(topo: Topology, identity: Identity) -> tuple[type, int, str]:
+    with pytest.raises(Denied) as info:
+        topo.admit(identity, "test", lambda _member, _reason: None)
+    assert topo.join(identity, "test", lambda _member, _reason: None) is None
+    return type(info.value), info.value.errno, info.value.message
+
+
+def test_denial_is_the_same_whatever_exists_elsewhere(tasks: FakeTasks) -> None:
+    proc = tasks.spawn(10, starttime=50, uid=2000)
+    strangers: list[Identity] = [proc, Vm(proc, "guest0"), Domain(7), Domain(0)]
+    empty = Topology(Registry(), tasks, SELF_UID)
+    busy = Topology(Registry(), tasks, SELF_UID)
+    for name in ("a", "secret"):
+        busy.create_bus(name)
+    # Rules near each stranger: the same numbers in the other spaces, a parent
+    # of nobody, neighbouring domids.
+    tasks.spawn(30, starttime=3, uid=10)
+    for rule in ("uid:10", "uid:50", "domid:10", "domid:2000", "domid:6", "domid:8"):
+        busy.add_member("secret", rule)
+    busy.add_member("a", "pid:30")
+    expected = (Denied, errno.EACCES, NOT_A_MEMBER)
+    for identity in strangers:
+        assert _denial(empty, identity) == expected, identity
+        assert _denial(busy, identity) == expected, identity
+    assert NOT_A_MEMBER == "not a member of any bus"
+
+
+def test_admit_returns_the_member(topo: Topology, tasks: FakeTasks) -> None:
+    topo.add_member("a", "domid:7")
+    member = topo.admit(Domain(7), "xen", lambda _member, _reason: None)
+    assert isinstance(member, Member)
+    assert member.bus is topo.bus("a") and member.peer == Domain(7)
+    assert topo.clients("a") == [member]
+
+
+# --- domains, VMs and open connections -------------------------------------------------------
+
+
+def test_removing_a_domid_rule_revokes_that_domains_connections(linked: Topology) -> None:
+    topo = linked
+    topo.add_member("a", "domid:7")
+    topo.add_member("a", "domid:8")
+    topo.add_member("a", "uid:7")
+    revoke = Revocations()
+    conn = _open(topo, Domain(7), revoke)
+    other = _open(topo, Domain(8), revoke)
+    proc = _open(topo, Peer(7, 7, 7), revoke)
+    assert (conn.bus.name, other.bus.name, proc.bus.name) == ("a", "a", "a")
+    topo.remove_member("a", "domid:7")
+    assert revoke.seen == [(conn.id, "bus_gone", "no longer a member of bus 'a'")]
+    assert conn.closed and not other.closed and not proc.closed
+    topo.remove_member("a", "uid:7")
+    assert proc.closed and not other.closed
+
+
+def test_moving_a_vmm_moves_its_vm(linked: Topology, tasks: FakeTasks) -> None:
+    topo = linked
+    vmm = tasks.spawn(10, uid=2000)
+    topo.add_member("a", "uid:2000")
+    revoke = Revocations()
+    conn = _open(topo, Vm(vmm, "guest0"), revoke)
+    topo.add_member("b", "pid:10")  # the VMM's pid rule beats its uid: the VM moves too
+    assert [kind for _, kind, _ in revoke.seen] == ["bus_gone"]
+    assert conn.closed
+    again = _open(topo, Vm(vmm, "guest0"), revoke)
     assert again.bus is topo.bus("b")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vbus.core.device import Attribute, DeviceModel, Session
-from vbus.core.members import Peer, PidRule, UidRule
+from vbus.core.members import NOT_A_MEMBER, Domain, DomidRule, Peer, PidRule, UidRule, Vm
 from vbus.core.model import (
     BUS_GONE,
     DEVICE_REMOVED,
@@ -665,6 +665,24 @@ def test_describe(wired: Topology) -> None:
     json.dumps(described)
 
 
+def test_describe_a_domain_and_a_vm(wired: Topology) -> None:
+    domain = wired.open("a", "x", Domain(7), "xen", Revocations(), since=1.0)
+    described = domain.describe()
+    assert described["domid"] == 7
+    assert not {"pid", "uid", "gid", "vm"} & set(described)
+    assert "domid=7" in repr(domain)
+    vm = wired.open("a", "x", Vm(Peer(10, 2000, 3000, 5), "guest0"), "kvm", Revocations())
+    described = vm.describe()
+    assert (described["vm"], described["pid"], described["uid"], described["gid"]) == (
+        "guest0",
+        10,
+        2000,
+        3000,
+    )
+    assert "domid" not in described
+    json.dumps(described)
+
+
 def test_open_errors_leave_nothing_registered(wired: Topology) -> None:
     with pytest.raises(NotFound, match="no such device"):
         wired.open("b", "y", peer(), "userspace", Revocations())  # y is not on b
@@ -793,6 +811,8 @@ def _populated(topo: Topology, tasks: FakeTasks) -> None:
     topo.add_member("a", "uid:7")
     topo.add_member("b", "11")  # nested under a's rule for its parent
     topo.add_member("a", "10")
+    topo.add_member("b", "domid:32751")
+    topo.add_member("b", "domid:7")  # the same number as a's uid 7: another space
 
 
 EXPECTED_SNAPSHOT = {
@@ -810,6 +830,7 @@ EXPECTED_SNAPSHOT = {
             "next_id": 3,
             "uids": [7, SELF_UID],
             "pids": [{"pid": 10, "starttime": 50}],
+            "domids": [],
         },
         "b": {
             "devices": ["x"],
@@ -817,8 +838,9 @@ EXPECTED_SNAPSHOT = {
             "next_id": 2,
             "uids": [],
             "pids": [{"pid": 11, "starttime": 60}],
+            "domids": [7, 32751],
         },
-        "empty": {"devices": [], "ids": {}, "next_id": 1, "uids": [], "pids": []},
+        "empty": {"devices": [], "ids": {}, "next_id": 1, "uids": [], "pids": [], "domids": []},
     },
 }
 
@@ -841,6 +863,31 @@ def test_snapshot_apply_round_trip(topo: Topology, tasks: FakeTasks) -> None:
     assert fresh.resolve(Peer(11, 2000, 2000)) is fresh.bus("b")
     assert fresh.resolve(tasks.spawn(12, ppid=10, starttime=70)) is fresh.bus("a")
     assert fresh.device("x").attrs["flag"] is True
+    assert fresh.resolve(Domain(7)) is fresh.bus("b")
+    assert fresh.resolve(Domain(32751)) is fresh.bus("b")
+    assert fresh.bus("b").rules >= {DomidRule(7), DomidRule(32751)}
+
+
+def test_an_older_snapshot_without_domids_loads(topo: Topology, tasks: FakeTasks) -> None:
+    _populated(topo, tasks)
+    snap = json.loads(json.dumps(topo.snapshot()))
+    for spec in snap["buses"].values():
+        del spec["domids"]
+    assert snap["version"] == 1
+    fresh = Topology(make_registry(), tasks, SELF_UID, boot_id="boot-1")
+    fresh.apply(snap)
+    assert fresh.members("b") == ["pid:11"]
+    assert fresh.resolve(Domain(7)) is None
+    assert all(spec["domids"] == [] for spec in fresh.snapshot()["buses"].values())
+
+
+def test_domid_rules_survive_another_boot(topo: Topology, tasks: FakeTasks) -> None:
+    # Unlike a pid rule, a domid rule names no task of this boot.
+    topo.create_bus("a")
+    topo.add_member("a", "domid:7")
+    fresh = Topology(make_registry(), tasks, SELF_UID, boot_id="boot-2")
+    fresh.apply(topo.snapshot())
+    assert fresh.members("a") == ["domid:7"]
 
 
 def test_apply_drops_pid_rules_of_other_tasks(topo: Topology, tasks: FakeTasks) -> None:
@@ -852,7 +899,7 @@ def test_apply_drops_pid_rules_of_other_tasks(topo: Topology, tasks: FakeTasks) 
     fresh = Topology(make_registry(), tasks, SELF_UID, boot_id="boot-1")
     fresh.apply(snap)
     assert fresh.members("a") == ["uid:1000", "uid:7"]
-    assert fresh.members("b") == []
+    assert fresh.members("b") == ["domid:32751", "domid:7"]
 
 
 def test_apply_drops_pid_rules_from_another_boot(topo: Topology, tasks: FakeTasks) -> None:
@@ -860,11 +907,11 @@ def test_apply_drops_pid_rules_from_another_boot(topo: Topology, tasks: FakeTask
     snap = topo.snapshot()
     fresh = Topology(make_registry(), tasks, SELF_UID, boot_id="boot-2")
     fresh.apply(snap)
-    assert fresh.members("b") == []
+    assert fresh.members("b") == ["domid:32751", "domid:7"]
     assert fresh.members("a") == ["uid:1000", "uid:7"]
     unknown_boot = Topology(make_registry(), tasks, SELF_UID)
     unknown_boot.apply(snap)
-    assert unknown_boot.members("b") == ["pid:11"]
+    assert unknown_boot.members("b") == ["domid:32751", "domid:7", "pid:11"]
 
 
 def test_apply_is_all_or_nothing(topo: Topology, tasks: FakeTasks) -> None:
@@ -887,6 +934,13 @@ def test_apply_over_existing_config_conflicts(topo: Topology, tasks: FakeTasks) 
     other_uid = {"version": 1, "buses": {"c": {"uids": [7]}}}
     with pytest.raises(Busy):
         topo.apply(other_uid)
+    assert topo.snapshot() == before
+    other_domid = {"version": 1, "buses": {"c": {"domids": [3]}, "d": {"domids": [7]}}}
+    with pytest.raises(Busy):
+        topo.apply(other_domid)
+    assert topo.snapshot() == before
+    with pytest.raises(Busy):  # the same domid twice inside one snapshot
+        topo.apply({"version": 1, "buses": {"c": {"domids": [3]}, "d": {"domids": [3]}}})
     assert topo.snapshot() == before
 
 
@@ -911,10 +965,18 @@ def test_apply_over_existing_config_conflicts(topo: Topology, tasks: FakeTasks) 
         {"version": 1, "buses": {"a": {"pids": [10]}}},
         {"version": 1, "buses": {"a": {"pids": [{"pid": 10}]}}},
         {"version": 1, "buses": {"a": {"pids": [{"pid": "10", "starttime": 1}]}}},
+        {"version": 1, "buses": {"a": {"domids": 7}}},
+        {"version": 1, "buses": {"a": {"domids": ["7"]}}},
+        {"version": 1, "buses": {"a": {"domids": [0]}}},
+        {"version": 1, "buses": {"a": {"domids": [-1]}}},
+        {"version": 1, "buses": {"a": {"domids": [32752]}}},
+        {"version": 1, "buses": {"a": {"domids": [True]}}},
+        {"version": 1, "buses": {"a": {"domids": [7.0]}}},
     ],
 )
 def test_apply_rejects_malformed_snapshots(topo: Topology, snap: Any) -> None:
-    with pytest.raises(Invalid, match=r"^snapshot: "):
+    where = "snapshot: buses.a.domids: " if "domids" in str(snap) else "snapshot: "
+    with pytest.raises(Invalid, match=rf"^{re.escape(where)}"):
         topo.apply(snap)
     assert topo.devices() == [] and topo.buses() == []
 
@@ -1046,3 +1108,74 @@ def test_a_bus_with_connected_clients_is_busy(topo: Topology, tasks: FakeTasks) 
     assert member is not None
     topo.leave(member)
     topo.remove_bus("b")
+
+
+def test_a_domain_joins_and_is_expelled_when_its_rule_goes(
+    topo: Topology, tasks: FakeTasks
+) -> None:
+    topo.create_bus("a")
+    topo.create_bus("b")
+    topo.create_device("x", "plain")
+    topo.link("a", "x")
+    topo.add_member("a", "domid:7")
+    topo.add_member("a", "uid:2000")
+    topo.add_member("b", "domid:8")
+    assert topo.join(Domain(9), "xen", Expulsions()) is None
+    assert topo.join(Domain(0), "xen", Expulsions()) is None
+    expelled = Expulsions()
+    domain = topo.join(Domain(7), "xen", expelled)
+    process = topo.join(tasks.spawn(10), "userspace", expelled)
+    neighbour = topo.join(Domain(8), "xen", expelled)
+    assert domain is not None and process is not None and neighbour is not None
+    assert (domain.bus.name, domain.client_id, process.client_id) == ("a", 1, 2)
+    assert (neighbour.bus.name, neighbour.client_id) == ("b", 1)
+    revoked = Revocations()
+    conn = topo.open("a", "x", domain.peer, "xen", revoked, member=domain)
+
+    topo.remove_member("a", "domid:7")
+    assert expelled.seen == [(domain.id, "no longer a member of bus 'a'")]
+    assert [(c, kind) for c, kind, _ in revoked.seen] == [(conn, BUS_GONE)]
+    assert conn.closed and domain.gone
+    assert topo.clients() == [process, neighbour]
+    # Adding it back admits a new join; the expelled member stays gone.
+    topo.add_member("a", "domid:7")
+    again = topo.join(Domain(7), "xen", expelled)
+    assert again is not None and again.client_id == 3 and domain.gone
+
+
+def test_a_domid_moved_to_another_bus_expels_the_member(topo: Topology) -> None:
+    topo.create_bus("a")
+    topo.create_bus("b")
+    topo.add_member("a", "domid:7")
+    expelled = Expulsions()
+    member = topo.admit(Domain(7), "xen", expelled)
+    with pytest.raises(Busy):
+        topo.add_member("b", "domid:7")
+    assert expelled.seen == [] and not member.gone
+    topo.remove_member("a", "domid:7")
+    topo.add_member("b", "domid:7")
+    assert member.gone and topo.resolve(Domain(7)) is topo.bus("b")
+
+
+def test_a_vm_is_expelled_when_its_vmms_rule_goes(topo: Topology, tasks: FakeTasks) -> None:
+    topo.create_bus("a")
+    vmm = tasks.spawn(10, uid=2000)
+    topo.add_member("a", "pid:10")
+    expelled = Expulsions()
+    vm = topo.join(Vm(vmm, "guest0"), "kvm", expelled)
+    assert vm is not None and vm.bus.name == "a"
+    topo.add_member("a", "domid:10")  # not the VM's kind of rule: nothing moves
+    assert not vm.gone
+    topo.remove_member("a", "pid:10")
+    assert expelled.seen == [(vm.id, "no longer a member of bus 'a'")] and vm.gone
+
+
+def test_admit_denies_without_a_hint(topo: Topology, tasks: FakeTasks) -> None:
+    topo.create_bus("secret")
+    topo.add_member("secret", "domid:8")
+    for identity in (Domain(7), Domain(0), tasks.spawn(10), Vm(tasks.spawn(11), "g")):
+        with pytest.raises(Denied) as info:
+            topo.admit(identity, "test", Expulsions())
+        assert info.value.message == NOT_A_MEMBER
+        assert "secret" not in info.value.message
+    assert topo.clients() == []

@@ -7,6 +7,8 @@ path is a tuple of names from the tree's root::
     deviceclasses/<class>/{description,attributes}     read-only
     devices/<name>/{type,id,stats,<attribute>...}      mkdir/rmdir; echo to type and attributes
     buses/<bus>/{members,connections,force}            mkdir/rmdir; echo to members and force
+                                                       (members: PID, pid:N, uid:N, uid:self,
+                                                       domid:N; -RULE removes)
     buses/<bus>/<device> -> ../../devices/<device>     ln -s links, rm unlinks
     status                                             read-only, when the daemon gives one
 
@@ -27,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from vbus.core.device import Attribute
-from vbus.core.members import rule_syntax
+from vbus.core.members import identity_fields, rule_syntax
 from vbus.core.model import Bus, Connection, Device, Topology
 from vbus.errors import Denied, Exists, Invalid, NotFound, NotPermitted
 
@@ -129,7 +131,7 @@ def parse_member_lines(text: str) -> list[tuple[bool, str]]:
         rule_syntax(rule)  # Invalid, naming the line
         changes.append((add, rule))
     if not changes:
-        raise Invalid("no member rule given (PID, pid:N, uid:N, uid:self; -RULE removes)")
+        raise Invalid("no member rule given (PID, pid:N, uid:N, uid:self, domid:N; -RULE removes)")
     return changes
 
 
@@ -152,11 +154,14 @@ def format_attribute(attr: Attribute) -> str:
 
 
 def format_connection(conn: Connection) -> str:
-    """One line of a bus's ``connections`` file."""
+    """One line of a bus's ``connections`` file.  Who holds the device shows
+    as its identity's fields: ``pid= uid= gid=`` for a process, ``vm=`` then
+    its VMM's for a VM, ``domid=`` for a Xen domain."""
     info = conn.describe()
     since = datetime.fromtimestamp(info["since"], UTC).isoformat(timespec="milliseconds")
+    who = " ".join(f"{key}={value}" for key, value in identity_fields(conn.peer).items())
     return (
-        f"id={info['id']} pid={info['pid']} uid={info['uid']} gid={info['gid']} "
+        f"id={info['id']} {who} "
         f"device={info['device']} connector={info['connector']} since={since} "
         f"calls={info['calls']} faults={info['faults']}"
     )

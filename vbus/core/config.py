@@ -8,7 +8,7 @@ except reading the embedded default (a package resource).  Schema::
     mode = "echo"           # any other key: an attribute of that class (str/int/bool)
 
     [buses.default]
-    members = ["uid:self"]  # member rule texts
+    members = ["uid:self"]  # member rule texts: uid:N, uid:self, pid:N, domid:N
     devices = ["echo0"]     # linked devices
 
 Errors are ``Invalid`` and name the source and the key; applying is all or

@@ -6,7 +6,8 @@ the config loader, the persisted state, the connectors and the FUSE admin tree
 are thin adapters over them.  No IO happens here: process facts come from an
 injected ``TaskInfo``, and deviceclasses from a ``Registry``.
 
-Theory of operation for connections: a connector ``join``s its peer, which
+Theory of operation for connections: a connector ``join``s its peer (an
+identity: a process, a Xen domain, or a VM through its VMM process), which
 resolves it to a bus and returns a ``Member`` (the peer is then a user of that
 bus, device open or not), then ``open``s devices on that bus and gets
 ``Connection``s carrying the device model's ``Session``.  When the
@@ -35,12 +36,16 @@ import structlog
 
 from vbus.core.device import Attribute, DeviceModel, Session
 from vbus.core.members import (
+    DOMID_FIRST_RESERVED,
+    NOT_A_MEMBER,
+    DomidRule,
+    Identity,
     MemberIndex,
-    Peer,
     PidRule,
     Rule,
     TaskInfo,
     UidRule,
+    identity_fields,
     parse_rule,
     rule_syntax,
 )
@@ -194,6 +199,7 @@ class Member:
     """A north context admitted to a bus (connected), with a device open or not.
 
     ``client_id`` is what the north is told: it counts this bus's clients only.
+    ``peer`` is its identity (a ``Peer`` process, a ``Domain``, a ``Vm``).
     ``revoke`` is the connector's callback, called at most once when the
     member loses its bus (rule removed, bus removed); the connector tells the
     north and disconnects it.
@@ -202,7 +208,7 @@ class Member:
     id: int
     client_id: int
     bus: Bus
-    peer: Peer
+    peer: Identity
     connector: str
     revoke: MemberRevoke
     since: float = field(default_factory=time.time)
@@ -224,7 +230,7 @@ class Connection:
     id: int
     bus: Bus
     device: Device
-    peer: Peer
+    peer: Identity
     connector: str
     revoke: RevokeCallback
     since: float = field(default_factory=time.time)
@@ -236,22 +242,23 @@ class Connection:
     close_reason: str | None = None
 
     def __repr__(self) -> str:
+        who = " ".join(f"{key}={value}" for key, value in identity_fields(self.peer).items())
         return (
-            f"<Connection {self.id} {self.connector} pid={self.peer.pid} "
+            f"<Connection {self.id} {self.connector} {who} "
             f"{self.bus.name}/{self.device.name}{' closed' if self.closed else ''}>"
         )
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-serialisable line for listings (admin ``connections`` file)."""
+        """A JSON-serialisable line for listings (admin ``connections`` file).
+        The peer shows as ``identity_fields``: ``pid``/``uid``/``gid`` for a
+        process, ``vm`` and its VMM's for a VM, ``domid`` for a domain."""
         return {
             "id": self.id,
             "bus": self.bus.name,
             "device": self.device.name,
             "device_id": self.bus.ids.get(self.device.name, 0),
             "connector": self.connector,
-            "pid": self.peer.pid,
-            "uid": self.peer.uid,
-            "gid": self.peer.gid,
+            **identity_fields(self.peer),
             "since": self.since,
             "calls": self.calls,
             "faults": self.faults,
@@ -506,15 +513,17 @@ class Topology:
 
     # --- members -----------------------------------------------------------------
     def _rule(self, rule: Rule | str) -> Rule:
-        if isinstance(rule, UidRule | PidRule):
+        if isinstance(rule, UidRule | PidRule | DomidRule):
             return rule
         return parse_rule(rule, self.tasks, self.self_uid)
 
     def add_member(self, bus: str, rule: Rule | str) -> Rule:
-        """Admit a uid or a task (and its descendants) to ``bus``; returns the rule.
+        """Admit a uid, a task (and its descendants) or a Xen domain to ``bus``;
+        returns the rule.
 
-        Busy when the uid is on another bus, or when the task already reaches
-        another bus through a pid rule (its own or an ancestor's).  Adding a
+        Busy when the uid or the domid is on another bus, or when the task
+        already reaches another bus through a pid rule (its own or an
+        ancestor's).  Adding a
         rule can move connected peers: those no longer resolving to their bus
         are revoked with ``bus_gone``.
         """
@@ -525,7 +534,7 @@ class Topology:
         parsed = self._rule(rule)
         if parsed in b.rules:
             raise Exists(f"{parsed} is already a member of bus {bus!r}")
-        if isinstance(parsed, UidRule):
+        if isinstance(parsed, UidRule | DomidRule):
             holder = self._members.bus_of(parsed)
             if holder is not None:
                 raise Busy(f"{parsed} is already a member of bus {holder!r}")
@@ -562,6 +571,9 @@ class Topology:
             kind, value = rule_syntax(rule)
             if kind == "uid":
                 matches: list[Rule] = [UidRule(self.self_uid if value is None else value)]
+            elif kind == "domid":
+                assert value is not None
+                matches = [DomidRule(value)]
             else:
                 matches = [r for r in b.rules if isinstance(r, PidRule) and r.pid == value]
         else:
@@ -593,9 +605,11 @@ class Topology:
                     self._log.info("member.stale_dropped", bus=bus.name, rule=str(rule))
         return dropped
 
-    def resolve(self, peer: Peer) -> Bus | None:
-        """The bus ``peer`` belongs to: nearest pid rule, then its uid; else None."""
-        name = self._members.resolve(peer, self.tasks)
+    def resolve(self, identity: Identity) -> Bus | None:
+        """The bus ``identity`` belongs to, else None: a domain by its domid
+        rule; a process, or a VM through its VMM, by the nearest pid rule,
+        then the uid."""
+        name = self._members.resolve(identity, self.tasks)
         return None if name is None else self._buses[name]
 
     def _recheck_connections(self) -> None:
@@ -610,9 +624,10 @@ class Topology:
                 self._revoke(conn, BUS_GONE, reason)
 
     # --- members: connected north contexts -----------------------------------
-    def join(self, peer: Peer, connector: str, revoke: MemberRevoke) -> Member | None:
-        """Admit a connected ``peer`` to the bus its rules resolve to; None if
-        no rule admits it.  It stays a user of that bus until ``leave``."""
+    def join(self, peer: Identity, connector: str, revoke: MemberRevoke) -> Member | None:
+        """Admit a connected ``peer`` (any identity) to the bus its rules
+        resolve to; None if no rule admits it.  It stays a user of that bus
+        until ``leave``."""
         bus = self.resolve(peer)
         if bus is None:
             return None
@@ -627,6 +642,14 @@ class Topology:
         )
         bus.members[member.id] = member
         self._members_joined[member.id] = member
+        return member
+
+    def admit(self, peer: Identity, connector: str, revoke: MemberRevoke) -> Member:
+        """``join``, or ``Denied`` with the one text every connector gives
+        (``NOT_A_MEMBER``): nothing in it depends on what exists elsewhere."""
+        member = self.join(peer, connector, revoke)
+        if member is None:
+            raise Denied(NOT_A_MEMBER)
         return member
 
     def leave(self, member: Member) -> None:
@@ -658,7 +681,7 @@ class Topology:
         self,
         bus: Bus | str,
         device: str | int,
-        peer: Peer,
+        peer: Identity,
         connector: str,
         revoke: RevokeCallback,
         *,
@@ -692,8 +715,7 @@ class Topology:
             bus=b.name,
             device=dev.name,
             connector=connector,
-            pid=peer.pid,
-            uid=peer.uid,
+            **identity_fields(peer),
         )
         return conn
 
@@ -755,6 +777,7 @@ class Topology:
                 "next_id": bus.next_id,
                 "uids": sorted(r.uid for r in bus.rules if isinstance(r, UidRule)),
                 "pids": [{"pid": r.pid, "starttime": r.starttime} for r in pid_rules],
+                "domids": sorted(r.domid for r in bus.rules if isinstance(r, DomidRule)),
             }
         return {
             "version": SNAPSHOT_VERSION,
@@ -784,6 +807,8 @@ class Topology:
                 bus.next_id = max(bus.next_id, spec["next_id"])
                 for uid in spec["uids"]:
                     self._add_member(name, UidRule(uid), check_ancestors=True)
+                for domid in spec["domids"]:
+                    self._add_member(name, DomidRule(domid), check_ancestors=True)
             # Pid rules after every bus exists, without the ancestor check: a
             # consistent snapshot may nest a task's rule under an ancestor's.
             for name, spec in plan["buses"].items():
@@ -837,6 +862,7 @@ def _check_snapshot(snapshot: Any) -> dict[str, Any]:
         linked = spec.get("devices", [])
         uids = spec.get("uids", [])
         pids = spec.get("pids", [])
+        domids = spec.get("domids", [])  # absent from snapshots older than domain members
         ids = spec.get("ids", {})
         next_id = spec.get("next_id", 1)
         if not isinstance(ids, dict) or not all(
@@ -856,12 +882,17 @@ def _check_snapshot(snapshot: Any) -> dict[str, Any]:
             for p in pids
         ):
             raise fail(f"{where}.pids", "not a list of {pid, starttime}")
+        if not isinstance(domids, list) or not all(
+            _is_count(d) and 0 < d < DOMID_FIRST_RESERVED for d in domids
+        ):
+            raise fail(f"{where}.domids", f"not a list of domids (1..{DOMID_FIRST_RESERVED - 1})")
         buses[name] = {
             "devices": linked,
             "ids": {k: v for k, v in ids.items() if k in linked},
             "next_id": next_id,
             "uids": uids,
             "pids": [(p["pid"], p["starttime"]) for p in pids],
+            "domids": domids,
         }
     return {"devices": devices, "buses": buses}
 
