@@ -118,6 +118,7 @@ class Daemon:
         if self.env is None:
             env.pop("NOTIFY_SOCKET", None)
         self._log = open(self.log_path, "ab")  # noqa: SIM115
+        since = self._log.tell()  # a restart appends: only its own lines count
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.preexec_fn
         )
@@ -125,7 +126,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vbusd exited with {self.proc.returncode}:\n{self.log()}")
-            if b'"daemon.ready"' in self.log_path.read_bytes():
+            if b'"daemon.ready"' in self.log_path.read_bytes()[since:]:
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"vbusd did not become ready in {timeout} s:\n{self.log()}")

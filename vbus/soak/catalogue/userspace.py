@@ -1492,7 +1492,11 @@ class FdExhaustion(UserspaceMisbehaviour):
             while queues < limit:
                 async with ctx.gate:
                     client = await WireClient.connect(ctx.socket)
-                    reply = await client.hello(f"soak-{self.name}")
+                    try:
+                        reply = await client.hello(f"soak-{self.name}")
+                    except PeerClosed:
+                        client.close()
+                        reply, client = await self._refusal(ctx)
                 if not isinstance(reply, protocol.Welcome):
                     client.close()
                     code, message = error_of(reply)
@@ -1546,6 +1550,18 @@ class FdExhaustion(UserspaceMisbehaviour):
         )
 
     @staticmethod
+    async def _refusal(ctx: Context) -> tuple[protocol.Message, WireClient]:
+        """Writing to a refused socket resets it, and the reset drops the reason
+        queued on it: connect once more and listen, without writing."""
+        probe = await WireClient.connect(ctx.socket)
+        try:
+            _seq, reply = await asyncio.wait_for(probe.recv(), ctx.timeout)
+        except (PeerClosed, TimeoutError):
+            probe.close()
+            raise Unexpected("a new connection was dropped without a reason") from None
+        return reply, probe
+
+    @staticmethod
     def _check(code: int, message: str, queues: int, what: str) -> None:
         if code not in (errno.EMFILE, errno.ENOSPC):
             name = errno.errorcode.get(code, str(code))
@@ -1582,6 +1598,9 @@ def member_child(path: str, device: str | None, orders: int, report: int, wait: 
             seq += 1
             try:
                 sock.send(protocol.encode(msg, seq))
+            except OSError:  # hung up on: what it said before is still queued
+                seq = -1
+            try:
                 while True:
                     data = sock.recv(protocol.MAX_FRAME)
                     if not data:
@@ -1591,7 +1610,7 @@ def member_child(path: str, device: str | None, orders: int, report: int, wait: 
                         events.append([int(reply.kind), reply.handle, reply.reason])
                     elif got == seq:
                         return reply
-            except OSError:  # reset, broken pipe: gone
+            except OSError:  # reset: gone
                 return None
 
         welcome = ask(protocol.Hello(1, 1, "soak-removed-member"))
@@ -1756,8 +1775,11 @@ class CrossTenant(UserspaceMisbehaviour):
                 await client.open("no-such-device-" + ctx.rng.randbytes(4).hex())
             )
             probes: list[str | int] = [*ctx.hidden, *range(len(ids) + 1, len(ids) + 9), 2**31]
+            slowest = 0.0
             for probe in probes:
+                t0 = time.monotonic()
                 reply = await client.open(probe)
+                slowest = max(slowest, time.monotonic() - t0)
                 if isinstance(reply, protocol.Opened):
                     raise Unexpected(f"opened {probe!r}, which is not on its bus")
                 code, message = error_of(reply)
@@ -1767,6 +1789,7 @@ class CrossTenant(UserspaceMisbehaviour):
             True,
             f"ids 1..{len(ids)} and client id {welcome.client_id} of its own bus; "
             f"{len(probes)} foreign ids and names refused alike",
+            detect_s=slowest,
             faults=len(probes),
             reclaimed=True,
         )
