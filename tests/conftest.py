@@ -12,9 +12,11 @@ import asyncio
 import functools
 import inspect
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -78,7 +80,13 @@ def require(condition: bool, reason: str) -> None:
 class Daemon:
     """A vbusd subprocess in its own run directory."""
 
-    def __init__(self, run_dir: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.socket = run_dir / "vbus.sock"
         self.admin = run_dir / "admin"
@@ -86,6 +94,7 @@ class Daemon:
         self.log_path = run_dir.parent / f"{run_dir.name}.log"
         self.args = args
         self.env = env
+        self.preexec_fn = preexec_fn  # e.g. a small RLIMIT_NOFILE for the daemon
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> Daemon:
@@ -109,12 +118,15 @@ class Daemon:
         if self.env is None:
             env.pop("NOTIFY_SOCKET", None)
         self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        since = self._log.tell()  # a restart appends: only its own lines count
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=self.preexec_fn
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vbusd exited with {self.proc.returncode}:\n{self.log()}")
-            if b'"daemon.ready"' in self.log_path.read_bytes():
+            if b'"daemon.ready"' in self.log_path.read_bytes()[since:]:
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"vbusd did not become ready in {timeout} s:\n{self.log()}")
@@ -156,21 +168,41 @@ class Daemon:
 
 @pytest.fixture
 def vbusd(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Factory: ``vbusd(*args)`` starts a daemon; all are stopped (and checked) at teardown."""
+    """Factory: ``vbusd(*args)`` starts a daemon; all are stopped (and checked) at teardown.
+
+    ``preexec_fn`` runs in the daemon's process before it starts (resource
+    limits); ``reachable=True`` puts its run directory where other uids can
+    reach the socket (pytest's own temporary directories are private)."""
     started: list[Daemon] = []
     counter = iter(range(1000))
+    shared: list[Path] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(tmp_path / f"run{next(counter)}", list(args), env)
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        reachable: bool = False,
+    ) -> Daemon:
+        base = tmp_path
+        if reachable:
+            if not shared:
+                shared.append(Path(tempfile.mkdtemp(prefix="vbus-test-")))
+                os.chmod(shared[0], 0o755)
+            base = shared[0]
+        daemon = Daemon(base / f"run{next(counter)}", list(args), env, preexec_fn)
         started.append(daemon)
         return daemon.start()
 
     yield start
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            code = daemon.stop()
+    try:
+        for daemon in started:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                code = daemon.stop()
+                log = daemon.log()
+                assert code == 0, f"vbusd exited with {code}:\n{log}"
             log = daemon.log()
-            assert code == 0, f"vbusd exited with {code}:\n{log}"
-        log = daemon.log()
-        assert '"loop.exception"' not in log, f"exception in the daemon's loop:\n{log}"
-        assert "Traceback" not in log or '"device.error"' in log, f"traceback in log:\n{log}"
+            assert '"loop.exception"' not in log, f"exception in the daemon's loop:\n{log}"
+            assert "Traceback" not in log or '"device.error"' in log, f"traceback in log:\n{log}"
+    finally:
+        for path in shared:
+            shutil.rmtree(path, ignore_errors=True)

@@ -399,6 +399,8 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"  ! {name}: {failure}")
         if s["instances"] == 0:
             lines.append(f"  ! {name}: never ran")
+    for name, reason in (result.get("skipped") or {}).items():
+        lines.append(f"  skipped {name}: {reason}")
     lines.append("")
     lines.append("bounds")
     rows = [["", "value", "limit", ""]]

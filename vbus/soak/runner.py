@@ -16,7 +16,14 @@ when a SIGKILLed client was released) and its CPU time from /proc.
 As root, with a daemon of its own, the misbehaving clients run as uid 65534
 on a bus of their own that links the same echo device: per-uid caps can then
 be hit without locking out the good clients, and the namespace probe has a
-real hidden device to look for.
+real hidden device to look for.  Behaviours that exhaust a per-uid bound run
+in a second bad worker as uid 65533, on a bus of its own, so that the other
+bad clients never meet that bound.  The daemon the soak starts has the bounds
+those behaviours need (shared memory, descriptors), a sink-mode device on the
+bad clients' bus, and (as root) its admin tree, through which a bad client
+has its own member rule removed; as root the soak also sets a few huge pages
+aside for the hugetlb behaviour and gives them back at the end.  Behaviours
+that cannot run here are skipped, each with its reason in the report.
 """
 
 from __future__ import annotations
@@ -35,23 +42,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import vbus
 from vbus.client import Bus, connect
 from vbus.errors import VbusError
-from vbus.soak.catalogue import Outcome, select
-from vbus.soak.catalogue.userspace import resolve_crash
+from vbus.soak.catalogue import Misbehaviour, Outcome, select
+from vbus.soak.catalogue.userspace import free_hugepages, resolve_crash
 from vbus.soak.report import check_bounds, percentile, render, summarise_outcomes
 
 __all__ = ["SoakConfig", "run_soak"]
 
 NOBODY = 65534
+EXHAUSTER = 65533  # the uid of the behaviours that exhaust a per-uid bound
 HIDDEN_DEVICE = "secret0"
+SINK_DEVICE = "sink0"
+TRANSIENT_BUS = "transient"  # no members of its own: a pid rule admits a bad client's child
+HUGEPAGES = 4  # set aside (as root) for the hugetlb behaviour
 # Limits of the daemon the soak starts: tight enough that the caps are reached
-# cheaply, and stated in the JSON.
-SOAK_LIMITS = {
+# cheaply, and stated in the JSON.  The good clients hold a few hundred KiB of
+# shared memory and a few dozen descriptors: far from the bounds.
+SOAK_LIMITS: dict[str, float] = {
     "handshake_timeout": 2.0,
     "max_pending_per_uid": 32,
     "max_connections_per_uid": 128,
+    "max_shm_per_peer": 64 << 20,
+    "max_shm_per_uid": 128 << 20,
+    "max_fds_per_uid": 1024,
 }
+_SIZES = ("max_shm_per_peer", "max_shm_per_uid")  # given to vbusd as SIZE (K/M/G)
 WARMUP = 2.0
 SAMPLE_EVERY = 0.5
 
@@ -157,10 +174,13 @@ class Soak:
         self.cpu: dict[str, float] = {}
         self.own_uid = cfg.attach is None and os.geteuid() == 0
         self.behaviours = select(cfg.bad)
+        self.skipped: dict[str, str] = {}  # behaviour -> why it could not run here
         self.problems: list[str] = []  # things that went wrong outside the bounds' figures
         self.client_cpu: dict[str, float | None] = {}
         self.load: dict[str, float] = {}
-        self.bad: Worker | None = None
+        self.bads: list[Worker] = []
+        self.hugepages_before: str | None = None  # nr_hugepages to restore at the end
+        self.hugepages = 0  # free huge pages the bad clients may take
         self.args: list[str] | None = (
             None  # of the daemon the soak started  # the machine's 1-minute load average per phase start
         )
@@ -168,33 +188,54 @@ class Soak:
 
     # --- the daemon ------------------------------------------------------------------
     def topology(self) -> str:
+        device = self.cfg.device
+        # The sink is on the bad clients' bus only: the good clients' bus stays as it was.
         hostile = (
             f"""
             [buses.hostile]
             members = ["uid:{NOBODY}"]
-            devices = ["{self.cfg.device}"]
+            devices = ["{device}", "{SINK_DEVICE}"]
+            [buses.exhaust]
+            members = ["uid:{EXHAUSTER}"]
+            devices = ["{device}"]
+            [buses.{TRANSIENT_BUS}]
+            devices = ["{device}"]
             """
             if self.own_uid
             else ""
         )
+        default_devices = f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"'
         return textwrap.dedent(
             f"""
-            [devices.{self.cfg.device}]
+            [devices.{device}]
             class = "echo"
             [devices.{HIDDEN_DEVICE}]
             class = "echo"
+            [devices.{SINK_DEVICE}]
+            class = "echo"
+            mode = "sink"
             [buses.default]
             members = ["uid:self"]
-            devices = ["{self.cfg.device}"]
+            devices = [{default_devices}]
             [buses.hidden]
             members = ["uid:4242"]
             devices = ["{HIDDEN_DEVICE}"]
             """
         ) + textwrap.dedent(hostile)
 
+    @property
+    def admin_dir(self) -> Path:
+        return self.tmp / "run" / "admin"
+
     def daemon_args(self) -> list[str]:
         topology = self.tmp / "topology.toml"
         topology.write_text(self.topology())
+        limits: list[str] = []
+        for key, value in SOAK_LIMITS.items():
+            text = f"{int(value) >> 20}M" if key in _SIZES else str(value)
+            limits += [f"--{key.replace('_', '-')}", text]
+        # As root the admin tree is mounted: a bad client changes member rules through it.
+        admin = ["--admin-dir", str(self.admin_dir)] if self.own_uid else ["--no-admin"]
         return [
             "--run-dir",
             str(self.tmp / "run"),
@@ -202,18 +243,34 @@ class Soak:
             str(self.tmp / "state.json"),
             "--config",
             str(topology),
-            "--no-admin",
+            *admin,
             "--log-format",
             "json",
             "--loop",
             self.cfg.loop,
-            "--handshake-timeout",
-            str(SOAK_LIMITS["handshake_timeout"]),
-            "--max-pending-per-uid",
-            str(SOAK_LIMITS["max_pending_per_uid"]),
-            "--max-connections-per-uid",
-            str(SOAK_LIMITS["max_connections_per_uid"]),
+            *limits,
         ]
+
+    # --- huge pages for the hugetlb behaviour ---------------------------------------------
+    def reserve_hugepages(self) -> int:
+        """As root: raise nr_hugepages by HUGEPAGES for the run.  Returns how many
+        free huge pages the bad clients may take (0: the behaviour is skipped)."""
+        if not self.own_uid or "hugetlb_hole" not in {c.name for c in self.behaviours}:
+            return 0
+        knob = Path("/proc/sys/vm/nr_hugepages")
+        try:
+            before = knob.read_text()
+            knob.write_text(str(int(before) + HUGEPAGES))
+        except (OSError, ValueError):
+            return 0
+        self.hugepages_before = before
+        return HUGEPAGES if free_hugepages() >= HUGEPAGES else 0
+
+    def restore_hugepages(self) -> None:
+        if self.hugepages_before is not None:
+            with contextlib.suppress(OSError):
+                Path("/proc/sys/vm/nr_hugepages").write_text(self.hugepages_before)
+            self.hugepages_before = None
 
     async def start_daemon(self) -> None:
         self.args = self.daemon_args()
@@ -295,10 +352,18 @@ class Soak:
             await asyncio.sleep(0.1)
 
     # --- workers ------------------------------------------------------------------------
-    async def spawn(self, role: str, args: list[str], as_nobody: bool = False) -> Worker:
-        stderr_path = self.tmp / f"{role}.err"
+    async def spawn(
+        self, role: str, args: list[str], uid: int | None = None, label: str | None = None
+    ) -> Worker:
+        label = label or role
+        stderr_path = self.tmp / f"{label}.err"
         # (uvloop's subprocess_exec has no user=/group=: the worker drops them itself.)
-        drop = ["--as-uid", str(NOBODY)] if as_nobody else []
+        drop = ["--as-uid", str(uid)] if uid is not None else []
+        # The workers run this vbus, wherever it was imported from (from "/", an
+        # installed copy elsewhere would win).
+        here = str(Path(vbus.__file__).resolve().parent.parent)
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": here + (os.pathsep + path if path else "")}
         with open(stderr_path, "wb") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -312,10 +377,11 @@ class Soak:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
-                cwd="/" if as_nobody else None,
+                cwd="/" if uid is not None else None,
+                env=env,
                 limit=1 << 24,  # a tick carries latency samples: lines can be long
             )
-        worker = Worker(role, proc, stderr_path)
+        worker = Worker(label, proc, stderr_path)
         on_line = self.on_good_line if role == "good" else self.on_bad_line
         worker.reader = asyncio.ensure_future(worker.read(on_line))
         return worker
@@ -329,6 +395,8 @@ class Soak:
     def on_bad_line(self, line: dict[str, Any]) -> None:
         if line.get("type") == "outcome":
             self.outcomes.append(line)
+        elif line.get("type") == "ready":
+            self.skipped.update(line.get("skipped") or {})
         elif line.get("type") == "garbled":
             self.problems.append(f"bad worker report lost: {line['error']}")
 
@@ -388,11 +456,12 @@ class Soak:
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
         good: Worker | None = None
-        bad: Worker | None = None
+        bads: list[Worker] = []
         background: list[asyncio.Task[None]] = []
         exit_code: int | None = None
         try:
             if cfg.attach is None:
+                self.hugepages = self.reserve_hugepages()
                 await self.start_daemon()
             self.monitor = await self.stack.enter_async_context(
                 connect(self.socket, name="soak-monitor")
@@ -422,7 +491,7 @@ class Soak:
             ):
                 raise RuntimeError(f"the good clients did not start:\n{good.stderr()[-3000:]}")
             try:
-                bad = await self.phases(good, start)
+                bads = await self.phases(good, start)
             except (VbusError, TimeoutError, OSError) as exc:
                 # The daemon died or stopped answering: that is the verdict, not a crash.
                 self.problems.append(f"the run was cut short in phase {self.phase}: {exc!r}")
@@ -433,17 +502,18 @@ class Soak:
             if self.tty:
                 self.out.write("\r\x1b[K")
                 self.out.flush()
-            bad = bad or self.bad
-            for worker in (bad, good):
+            bads = bads or self.bads
+            for worker in (*bads, good):
                 if worker is not None and worker.proc.returncode is None:
                     worker.proc.kill()
                     await worker.proc.wait()
             await self.stack.aclose()
             exit_code = await self.stop_daemon()
-        return self.result(exit_code, good, bad)
+            self.restore_hugepages()
+        return self.result(exit_code, good, bads)
 
-    async def phases(self, good: Worker, start: dict[str, Any]) -> Worker:
-        """Warm-up, baseline, misbehaving, settling, draining; returns the bad worker."""
+    async def phases(self, good: Worker, start: dict[str, Any]) -> list[Worker]:
+        """Warm-up, baseline, misbehaving, settling, draining; returns the bad workers."""
         cfg = self.cfg
         await asyncio.sleep(WARMUP)
 
@@ -454,40 +524,27 @@ class Soak:
         self.marks["baseline_end"] = time.monotonic()
         await self.sample("baseline")
 
-        limits = SOAK_LIMITS if cfg.attach is None else {}
-        bad_args = [
-            "--socket",
-            str(self.socket),
-            "--device",
-            cfg.device,
-            "--bad",
-            cfg.bad,
-            "--seed",
-            str(cfg.seed),
-            "--hidden",
-            HIDDEN_DEVICE if cfg.attach is None else "",
-            "--timeout",
-            "10",
-        ]
-        for key, value in limits.items():
-            bad_args += [f"--{key.replace('_', '-')}", str(value)]
-        if self.own_uid:
-            bad_args.append("--own-uid")
-        bad = self.bad = await self.spawn("bad", bad_args, as_nobody=self.own_uid)
-        await asyncio.wait_for(bad.ready.wait(), 30)
+        bads = self.bads
+        for uid, label, group in self.bad_groups():
+            bads.append(await self.spawn("bad", self.bad_args(group, uid), uid, label))
+        for bad in bads:
+            await asyncio.wait_for(bad.ready.wait(), 30)
         self.set_phase("misbehaving")
         good_cpu = cpu_seconds(good.proc.pid)
-        bad_cpu = cpu_seconds(bad.proc.pid)
+        bad_cpu = [cpu_seconds(bad.proc.pid) for bad in bads]
         await asyncio.sleep(cfg.bad_seconds)
         self.marks["misbehaving_end"] = time.monotonic()
+        spent = [_delta(cpu_seconds(b.proc.pid), c) for b, c in zip(bads, bad_cpu, strict=True)]
         self.client_cpu = {
             "good_worker": _delta(cpu_seconds(good.proc.pid), good_cpu),
-            "bad_worker": _delta(cpu_seconds(bad.proc.pid), bad_cpu),
+            "bad_worker": None if None in spent else round(sum(filter(None, spent)), 2),
         }
         self.set_phase("settling")
-        code = await bad.stop(timeout=60)
-        if code != 0:
-            self.problems.append(f"the bad worker exited with {code}: {bad.stderr()[-2000:]}")
+        for bad, code in zip(
+            bads, await asyncio.gather(*(bad.stop(timeout=60) for bad in bads)), strict=True
+        ):
+            if code != 0:
+                self.problems.append(f"{bad.name} exited with {code}: {bad.stderr()[-2000:]}")
         good_now = cfg.good + 1  # the good clients and the monitor
         if not await self.settle(good_now, cfg.good, self.samples["baseline"]["fds"], 15):
             self.problems.append("the daemon did not settle back after the bad clients left")
@@ -500,7 +557,48 @@ class Soak:
         if not await self.settle(1, 0, start["fds"], 10):
             self.problems.append("the daemon did not settle back after the good clients left")
         await self.sample("final")
-        return bad
+        return bads
+
+    def bad_groups(self) -> list[tuple[int | None, str, list[type[Misbehaviour]]]]:
+        """(uid, label, behaviours) of each bad worker.  As root, those that
+        exhaust a per-uid bound get a uid (and a bus) of their own."""
+        if not self.own_uid:
+            return [(None, "bad", list(self.behaviours))]
+        shared = [c for c in self.behaviours if not c.exhausts_uid]
+        alone = [c for c in self.behaviours if c.exhausts_uid]
+        groups: list[tuple[int | None, str, list[type[Misbehaviour]]]] = []
+        if shared:
+            groups.append((NOBODY, "bad", shared))
+        if alone:
+            groups.append((EXHAUSTER, "bad-exhaust", alone))
+        return groups
+
+    def bad_args(self, group: list[type[Misbehaviour]], uid: int | None) -> list[str]:
+        cfg = self.cfg
+        args = [
+            "--socket",
+            str(self.socket),
+            "--device",
+            cfg.device,
+            "--bad",
+            ",".join(c.name for c in group),
+            "--seed",
+            str(cfg.seed),
+            "--hidden",
+            HIDDEN_DEVICE if cfg.attach is None else "",
+            "--timeout",
+            "10",
+        ]
+        if cfg.attach is None:
+            for key, value in SOAK_LIMITS.items():
+                args += [f"--{key.replace('_', '-')}", str(value)]
+            args += ["--sink-device", SINK_DEVICE, "--hugepages", str(self.hugepages)]
+            members = self.admin_dir / "buses" / TRANSIENT_BUS / "members"
+            if self.own_uid and os.path.ismount(self.admin_dir) and members.exists():
+                args += ["--members-file", str(members)]
+        if uid is not None:
+            args += ["--own-uid", "--own-bus"]
+        return args
 
     # --- the verdict -------------------------------------------------------------------------
     def phase_good(self, start: float, end: float) -> dict[str, Any]:
@@ -547,7 +645,7 @@ class Soak:
         }
 
     def result(
-        self, exit_code: int | None, good: Worker | None, bad: Worker | None
+        self, exit_code: int | None, good: Worker | None, bads: list[Worker]
     ) -> dict[str, Any]:
         cfg = self.cfg
         log = self.log_text() if self.daemon is not None else ""
@@ -592,7 +690,12 @@ class Soak:
             good_failures += [f for f in tick.get("failures", []) if f not in good_failures]
 
         summaries = summarise_outcomes(
-            self.outcomes, [(c.name, c.connector, c.expect) for c in self.behaviours]
+            self.outcomes,
+            [
+                (c.name, c.connector, c.expect)
+                for c in self.behaviours
+                if c.name not in self.skipped
+            ],
         )
         samples = self.samples
         cpu: dict[str, float] = {}
@@ -656,17 +759,18 @@ class Soak:
             },
             "daemon": daemon,
             "misbehaviours": {name: s.as_dict() for name, s in summaries.items()},
+            "skipped": dict(self.skipped),
             "outcomes": self.outcomes,
             "problems": self.problems,
         }
-        if bad is not None:
+        for bad in bads:
             final_bad = next((x for x in bad.lines if x.get("type") == "final"), None)
             if final_bad is None:
-                self.problems.append("the bad worker gave no final report")
+                self.problems.append(f"{bad.name} gave no final report")
             elif final_bad.get("errors") or final_bad.get("unfinished"):
-                self.problems.append(f"bad worker: {final_bad}")
+                self.problems.append(f"{bad.name}: {final_bad}")
             if "Traceback" in bad.stderr():
-                self.problems.append(f"bad worker stderr: {bad.stderr()[-2000:]}")
+                self.problems.append(f"{bad.name} stderr: {bad.stderr()[-2000:]}")
         if good is not None and "Traceback" in good.stderr():
             self.problems.append(f"good worker stderr: {good.stderr()[-2000:]}")
         result["bounds"] = [b.as_dict() for b in check_bounds(result, self.problems)]

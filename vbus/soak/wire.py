@@ -43,12 +43,17 @@ def eventfd() -> int:
 class WireClient:
     """One connection to vbusd, spoken by hand.  Events are kept in ``events``."""
 
+    # WELCOMEs received by this process's clients: a bad client alone on its
+    # bus checks the client ids the daemon hands out against it.
+    welcomes = 0
+
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
         self.sock = sock
         self.loop = loop
         self.seq = 0
         self.events: deque[protocol.Event] = deque(maxlen=256)
         self.closed_at: float | None = None  # monotonic time EOF was seen
+        self.welcome: protocol.Welcome | None = None
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str], timeout: float = 5.0) -> WireClient:
@@ -103,7 +108,11 @@ class WireClient:
         if not data:
             self._eof()
             raise PeerClosed("EOF")
-        return protocol.decode_reply(data)
+        seq, msg = protocol.decode_reply(data)
+        if isinstance(msg, protocol.Welcome):
+            WireClient.welcomes += 1
+            self.welcome = msg
+        return seq, msg
 
     async def reply(self, seq: int) -> protocol.Message:
         """The reply to ``seq``; events that arrive first are kept in ``events``."""

@@ -8,7 +8,9 @@ outlives the soak):
 
 - good: ``ready``, then a ``tick`` every ``--report`` seconds (cumulative
   counters, latency samples since the last tick), ``final`` after draining.
-- bad: ``ready``, an ``outcome`` per misbehaviour instance, ``final``.
+- bad: ``ready`` (with the behaviours it cannot run and why), an ``outcome``
+  per misbehaviour instance, a ``note`` when an instance says how far it got,
+  ``final``.  ``--once`` runs each behaviour once and stops by itself.
 """
 
 from __future__ import annotations
@@ -124,24 +126,55 @@ async def run_bad(args: argparse.Namespace) -> int:
         max_connections_per_uid=args.max_connections_per_uid,
         timeout=args.timeout,
         seed=args.seed,
+        own_bus=args.own_bus,
+        sink_device=args.sink_device or None,
+        max_shm_per_peer=args.max_shm_per_peer,
+        max_shm_per_uid=args.max_shm_per_uid,
+        max_fds_per_uid=args.max_fds_per_uid,
+        hugepages=args.hugepages,
+        members_fd=args.members_fd,
+        hold=args.hold,
+        on_note=lambda behaviour, what: emit("note", behaviour=behaviour, what=what),
     )
-    behaviours = select(args.bad)
-    emit("ready", behaviours=[cls.name for cls in behaviours], pid=os.getpid(), uid=os.getuid())
+    behaviours = []
+    skipped: dict[str, str] = {}
+    for cls in select(args.bad):
+        reason = cls.unavailable(ctx)
+        if reason is None:
+            behaviours.append(cls)
+        else:
+            skipped[cls.name] = reason
+    emit(
+        "ready",
+        behaviours=[cls.name for cls in behaviours],
+        skipped=skipped,
+        pid=os.getpid(),
+        uid=os.getuid(),
+    )
     rng = random.Random(args.seed)
 
     async def keep_doing(cls: type[Misbehaviour]) -> None:
-        with contextlib.suppress(TimeoutError):  # stagger the starts
-            await asyncio.wait_for(stop.wait(), rng.uniform(0.0, 1.0))
+        if not args.once:
+            with contextlib.suppress(TimeoutError):  # stagger the starts
+                await asyncio.wait_for(stop.wait(), rng.uniform(0.0, 1.0))
         while not stop.is_set():
             outcome = await run_instance(cls(), ctx)
             emit("outcome", **outcome.as_dict())
+            if args.once:
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cls.pause * rng.uniform(0.5, 1.5))
 
     tasks = [asyncio.ensure_future(keep_doing(cls)) for cls in behaviours]
+    if args.once:
+        if tasks:
+            await asyncio.wait(tasks)
+        stop.set()
     await stop.wait()
     # Let every instance in progress finish (each is bounded), then stop.
-    done, pending = await asyncio.wait(tasks, timeout=args.timeout * 3 + 5)
+    done, pending = (
+        await asyncio.wait(tasks, timeout=args.timeout * 3 + 5) if tasks else (set(), set())
+    )
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
@@ -173,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     bad.add_argument("--max-connections-per-uid", type=int, default=1024)
     bad.add_argument("--timeout", type=float, default=10.0)
     bad.add_argument("--seed", type=int, default=0)
+    bad.add_argument("--once", action="store_true", help="each behaviour once, then stop")
+    bad.add_argument("--own-bus", action="store_true", help="no other clients on its bus")
+    bad.add_argument("--sink-device", default="", help="a sink-mode echo device on its bus")
+    bad.add_argument("--max-shm-per-peer", type=int, help="the daemon's bound, in bytes")
+    bad.add_argument("--max-shm-per-uid", type=int, help="the daemon's bound, in bytes")
+    bad.add_argument("--max-fds-per-uid", type=int, help="the daemon's bound")
+    bad.add_argument("--hugepages", type=int, default=0, help="free huge pages it may take")
+    bad.add_argument(
+        "--members-file",
+        type=Path,
+        help="a bus's members file in the admin tree, opened for writing before "
+        "privileges are dropped",
+    )
+    bad.add_argument("--hold", type=float, default=0.2, help="seconds a reached bound is kept")
     return parser
 
 
@@ -193,6 +240,8 @@ def drop_privileges(uid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    members = getattr(args, "members_file", None)
+    args.members_fd = os.open(members, os.O_WRONLY | os.O_CLOEXEC) if members else None
     if args.as_uid is not None:
         drop_privileges(args.as_uid)
     runner = run_good if args.role == "good" else run_bad

@@ -8,6 +8,12 @@ sees) and whether what the bad client held was given back.  The soak repeats
 every selected behaviour with a pause between instances; the tests run each
 one once next to a good client.
 
+Some behaviours need something of the daemon under test (a sink-mode device,
+known bounds, an admin tree to change member rules through, huge pages):
+``unavailable`` says why one cannot run against a ``Context``, and the soak
+skips it with that reason.  A behaviour that ``exhausts_uid`` drives its uid
+to a per-uid bound, so it runs under a uid that no other client uses.
+
 Extension point: a connector's catalogue is a module here that exports
 ``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
 ``_MODULES``.  Hostile KVM guests (``kvm.py``) and hostile domUs
@@ -72,6 +78,19 @@ class Context:
     max_connections_per_uid: int = 1024
     timeout: float = 10.0  # longest wait for any reaction
     seed: int = 0
+    own_bus: bool = False  # the bad clients of this process are the only clients of their bus
+    sink_device: str | None = None  # an echo device in sink mode on the bad client's bus
+    # The daemon's bounds on registered shared memory (per peer, per uid), when known.
+    max_shm_per_peer: int | None = None
+    max_shm_per_uid: int | None = None
+    max_fds_per_uid: int | None = None
+    hugepages: int = 0  # free huge pages a bad client may take to empty the pool
+    # Open for writing on the ``members`` file of a bus that ``device`` is linked
+    # to (the admin tree): a bad client can have its own member rule removed.
+    members_fd: int | None = None
+    hold: float = 0.2  # seconds a bad client keeps a bound it reached before letting go
+    # Told (behaviour, what) when an instance reaches a point a watcher may act on.
+    on_note: Callable[[str, str], None] | None = None
     # Resolves detections only the daemon's log can time (a SIGKILLed client
     # sees nothing): returns the log text, or None where it is not readable.
     read_log: Callable[[], str] | None = None
@@ -81,6 +100,10 @@ class Context:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.gate = asyncio.Lock()
+
+    def note(self, behaviour: str, what: str) -> None:
+        if self.on_note is not None:
+            self.on_note(behaviour, what)
 
 
 @dataclass
@@ -107,6 +130,14 @@ class Misbehaviour:
     expect: ClassVar[Expect]
     summary: ClassVar[str]
     pause: ClassVar[float] = 0.5  # between two instances in a soak (keeps bad clients light)
+    exhausts_uid: ClassVar[bool] = False  # reaches a per-uid bound: needs a uid of its own
+
+    @classmethod
+    def unavailable(cls, ctx: Context) -> str | None:
+        """Why this behaviour cannot run against ``ctx`` (None: it can)."""
+        if cls.exhausts_uid and not ctx.cap_safe:
+            return "it exhausts a per-uid bound and needs a uid no other client uses"
+        return None
 
     async def run(self, ctx: Context) -> Outcome:
         raise NotImplementedError

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import gc
 import json
+import mmap
 import os
 import resource
 import signal
@@ -22,30 +24,43 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from vbus import protocol
-from vbus.ioq import HEADER_SIZE, MAGIC
+from vbus.ioq import DEFAULT_MAX_LEN, DESC_SIZE, HEADER_SIZE, MAGIC, format_ring
+from vbus.mitigation import wait_for_work
 from vbus.soak.catalogue import Context, Misbehaviour, Outcome, Unexpected
 from vbus.soak.wire import HandRing, PeerClosed, WireClient, eventfd, unsealed_memfd
 
 __all__ = [
     "CATALOGUE",
+    "BlockingCall",
+    "BlockingKick",
     "CallFlood",
     "Churn",
     "Crash",
+    "CrossTenant",
     "DoorbellFlood",
     "FdAbuse",
+    "FdExhaustion",
     "Garbage",
+    "HugeBuffers",
+    "HugetlbHole",
     "Namespace",
     "OutOfBounds",
     "Oversized",
+    "PathFd",
+    "RemovedMember",
+    "SemaphoreKick",
     "Slowloris",
+    "SparseMemory",
     "Stall",
     "Toctou",
     "Truncated",
+    "free_hugepages",
+    "member_child",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -718,7 +733,8 @@ class FdAbuse(UserspaceMisbehaviour):
                 reply = await client.request(protocol.Shm(handle, 0, 0, 4, 0), fds)
                 slowest = max(slowest, time.monotonic() - t0)
                 code, message = error_of(reply)
-                if code != errno.EMSGSIZE:
+                # Past the region cap (EMSGSIZE), or past the peer's shm bound (ENOSPC).
+                if code not in (errno.EMSGSIZE, errno.ENOSPC):
                     raise Unexpected(f"2 GiB memfd: errno {code} ({message})")
                 refused += 1
             finally:
@@ -808,6 +824,7 @@ class Crash(UserspaceMisbehaviour):
         os.set_blocking(r, False)
         loop = asyncio.get_running_loop()
         async with ctx.gate:  # its connect must not meet a slowloris burst either
+            WireClient.welcomes += 1  # the child's, counted here where CrossTenant looks
             pid = os.fork()
             if pid == 0:
                 os.close(r)
@@ -966,6 +983,818 @@ class Namespace(UserspaceMisbehaviour):
         )
 
 
+# --- descriptors shared with the daemon --------------------------------------------------
+#
+# An eventfd passed with SCM_RIGHTS shares its file description with the
+# daemon: the client can clear O_NONBLOCK on it, fill its counter, or hand
+# over an EFD_SEMAPHORE or O_PATH one.  The south must never block or spin on
+# one (DESIGN.md section 6).
+
+_EFD_MAX = 2**64 - 2  # an eventfd counter cannot go higher: the next write of 1 waits
+
+
+def _take(fd: int) -> int:
+    """Empty an eventfd without waiting, whatever its description's flags say."""
+    buf = bytearray(8)
+    try:
+        os.preadv(fd, [buf], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    return int.from_bytes(buf, "little")
+
+
+class BlockingCall(UserspaceMisbehaviour):
+    name = "blocking_call"
+    expect = "fault"
+    summary = "makes its call eventfd blocking with a full counter, then lets the south signal"
+    pause = 1.0
+
+    async def run(self, ctx: Context) -> Outcome:
+        async with member(ctx, self.name) as client:
+            handle = await client.open_handle(ctx.device)
+            with rings(_RING, _RING) as (tx, rx):
+                await register_pair(client, handle, tx, rx)
+                call = rx.call.fd
+                while True:  # fill the counter while our own write cannot wait
+                    _take(call)
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_write(call, _EFD_MAX)
+                        break
+                os.set_blocking(call, True)  # the daemon's file description too
+                try:
+                    rx.north.signal.ack()
+                    rx.north.signal.arm()  # wake me: the south's next push into rx signals
+                    t0 = time.monotonic()
+                    if tx.north.send_many([b"would you block?"]) != 1:
+                        raise Unexpected("no room on a fresh tx ring")
+                    tx.north.signal.notify()
+                    tx.doorbell()
+                    event = await await_fault(client, handle, ctx.timeout)
+                    detect = time.monotonic() - t0
+                finally:
+                    os.set_blocking(call, False)
+                    _take(call)  # a daemon stuck writing to it gets through now
+                if "would block" not in event.reason.lower():
+                    raise Unexpected(f"faulted for another reason: {event.reason}")
+                if not await handle_is_gone(client, handle):
+                    raise Unexpected("the faulted handle still answers")
+            again = await client.open_handle(ctx.device)
+            if not await still_serves(client, again):
+                raise Unexpected("the connection is unusable after the fault")
+        return self.outcome(
+            True, f"fault: {event.reason}", detect_s=detect, faults=1, reclaimed=True
+        )
+
+
+class BlockingKick(UserspaceMisbehaviour):
+    name = "blocking_kick"
+    expect = "absorbed"
+    summary = "makes its kick eventfds blocking and races the south: kicks, then drains them itself"
+    pause = 1.0
+    queues = 8  # kick eventfds raced at once: the south reads them one after another
+    races = 300
+    slow = 0.05  # a reply later than this may mean the daemon is stuck: look closer
+
+    async def run(self, ctx: Context) -> Outcome:
+        rng = ctx.rng
+        drained = 0
+        async with member(ctx, self.name) as client:
+            handles = [await client.open_handle(ctx.device) for _ in range(self.queues)]
+            with rings(*[_RING] * (self.queues + 1)) as made:
+                rx = made.pop()
+                await register_pair(client, handles[0], made[0], rx)
+                for handle, ring in zip(handles[1:], made[1:], strict=True):
+                    expect_ok(await client.shm(handle, 0, ring, writable=False), "SHM tx")
+                kicks = [ring.kick.fd for ring in made]
+                for fd in kicks:
+                    os.set_blocking(fd, True)
+                try:
+                    for done in range(1, self.races + 1):
+                        for fd in kicks:
+                            os.eventfd_write(fd, 1)
+                        # Drain after the south has seen them ready, before it reads.
+                        _spin(rng.uniform(0.0, 60e-6))
+                        drained += sum(1 for fd in kicks if _take(fd))
+                        if not await self._answers(client, handles[0], ctx.timeout):
+                            raise Unexpected(
+                                f"the daemon stopped answering after {done} races ({drained} "
+                                "kicks drained under it): it waits on an emptied eventfd"
+                            )
+                finally:
+                    for fd in kicks:  # releases a daemon stuck reading one of them
+                        os.eventfd_write(fd, 1)
+                        os.set_blocking(fd, False)
+                faults = [e for e in client.events if e.kind == protocol.EventKind.FAULT]
+                if faults:  # refusing to serve a blocking kick is a fair reaction too
+                    return self.outcome(
+                        True,
+                        f"fault after {self.races} races: {faults[0].reason}",
+                        faults=len(faults),
+                        reclaimed=True,
+                    )
+                if not await echo_round_trip(made[0], rx, _RING // 2, ctx.timeout):
+                    raise Unexpected("the raced queue stopped being served")
+        return self.outcome(
+            True,
+            f"{self.races} races absorbed ({drained} kicks drained under the south); still served",
+            reclaimed=True,
+            detail=str(drained),
+        )
+
+    async def _answers(self, client: WireClient, handle: int, timeout: float) -> bool:
+        seq = client.next_seq()
+        await client.send(protocol.encode(protocol.Call(handle, 1, b"?"), seq))
+        try:
+            await asyncio.wait_for(client.reply(seq), self.slow)
+            return True
+        except TimeoutError:
+            pass
+        try:  # slow, or stuck: a stuck daemon never answers
+            await asyncio.wait_for(client.reply(seq), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class SemaphoreKick(UserspaceMisbehaviour):
+    name = "semaphore_kick"
+    expect = "error"
+    summary = "an EFD_SEMAPHORE kick eventfd with a huge counter: each read takes one"
+    pause = 0.5
+
+    async def run(self, ctx: Context) -> Outcome:
+        async with member(ctx, self.name) as client:
+            handle = await client.open_handle(ctx.device)
+            with rings(_RING) as (ring,):
+                sem = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+                try:
+                    os.eventfd_write(sem, _EFD_MAX)
+                    t0 = time.monotonic()
+                    reply = await client.request(
+                        protocol.Shm(handle, 0, 0, ring.count, 0), (ring.memfd, sem, ring.call.fd)
+                    )
+                    detect = time.monotonic() - t0
+                finally:
+                    os.close(sem)
+                if isinstance(reply, protocol.Ok):
+                    raise Unexpected("an EFD_SEMAPHORE kick eventfd was accepted")
+                code, message = error_of(reply)
+                if code != errno.EINVAL or "semaphore" not in message.lower():
+                    raise Unexpected(f"refused with {code}: {message}")
+                # The connection stays, and an honest registration of that queue works.
+                expect_ok(await client.shm(handle, 0, ring, writable=False), "honest SHM")
+                if not await still_serves(client, handle):
+                    raise Unexpected("the connection is unusable after the refusal")
+        return self.outcome(
+            True, f"ERROR EINVAL: {message}", detect_s=detect, faults=1, reclaimed=True
+        )
+
+
+class PathFd(UserspaceMisbehaviour):
+    name = "path_fd"
+    expect = "error"
+    summary = "O_PATH descriptors of eventfds as kick or call fd (no read, write or fcntl on them)"
+    pause = 0.5
+
+    async def run(self, ctx: Context) -> Outcome:
+        refused: list[str] = []
+        slowest = 0.0
+        async with member(ctx, self.name) as client:
+            handle = await client.open_handle(ctx.device)
+            with rings(_RING) as (ring,):
+                for role in ("kick", "call"):
+                    target = ring.kick.fd if role == "kick" else ring.call.fd
+                    path = os.open(f"/proc/self/fd/{target}", os.O_PATH | os.O_CLOEXEC)
+                    fds = [ring.memfd, ring.kick.fd, ring.call.fd]
+                    fds[1 if role == "kick" else 2] = path
+                    try:
+                        t0 = time.monotonic()
+                        reply = await client.request(
+                            protocol.Shm(handle, 0, 0, ring.count, 0), fds, timeout=ctx.timeout
+                        )
+                        slowest = max(slowest, time.monotonic() - t0)
+                    except TimeoutError:
+                        raise Unexpected(f"O_PATH {role} fd: no reply in {ctx.timeout} s") from None
+                    finally:
+                        os.close(path)
+                    if isinstance(reply, protocol.Ok):
+                        raise Unexpected(f"an O_PATH {role} descriptor was accepted")
+                    code, message = error_of(reply)
+                    if code != errno.EINVAL:
+                        raise Unexpected(f"O_PATH {role} fd refused with {code}: {message}")
+                    refused.append(message)
+                expect_ok(await client.shm(handle, 0, ring, writable=False), "honest SHM")
+                if not await still_serves(client, handle):
+                    raise Unexpected("the connection is unusable after the refusals")
+        return self.outcome(
+            True,
+            f"ERROR EINVAL (kick, call): {refused[0]}",
+            detect_s=slowest,
+            faults=len(refused),
+            reclaimed=True,
+        )
+
+
+# --- memory that can vanish, memory that costs ----------------------------------------------
+
+_HUGE_PAGE = 2 << 20
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def free_hugepages() -> int:
+    """Free huge pages of the default size, system-wide (0 where there are none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("HugePages_Free:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _punch_hole(fd: int, length: int) -> None:
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class HugetlbHole(UserspaceMisbehaviour):
+    name = "hugetlb_hole"
+    expect = "error"
+    summary = "a sealed hugetlb memfd: a punched hole and an empty huge-page pool SIGBUS its mapper"
+    pause = 1.0
+
+    @classmethod
+    def unavailable(cls, ctx: Context) -> str | None:
+        if ctx.hugepages < 1:
+            return "no huge pages set aside for it"
+        return super().unavailable(ctx)
+
+    async def run(self, ctx: Context) -> Outcome:
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB
+        fd = os.memfd_create("vbus-soak-hugetlb", flags)
+        held: list[tuple[int, mmap.mmap]] = []
+        try:
+            os.ftruncate(fd, _HUGE_PAGE)
+            try:
+                mapping = mmap.mmap(fd, _HUGE_PAGE)
+            except OSError as exc:
+                raise Unexpected(f"no huge page to build the ring in: {exc.strerror}") from None
+            held.append((-1, mapping))
+            format_ring(mapping, 0, _RING)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            async with member(ctx, self.name) as client:
+                handle = await client.open_handle(ctx.device)
+                kick, call = eventfd(), eventfd()
+                try:
+                    t0 = time.monotonic()
+                    reply = await client.request(
+                        protocol.Shm(handle, 0, 0, _RING, 0), (fd, kick, call)
+                    )
+                    detect = time.monotonic() - t0
+                    if isinstance(reply, protocol.Ok):
+                        raise Unexpected(await self._hole(ctx, client, fd, kick, held))
+                finally:
+                    os.close(kick)
+                    os.close(call)
+                code, message = error_of(reply)
+                if code != errno.EINVAL or "hugetlb" not in message.lower():
+                    raise Unexpected(f"refused with {code}: {message}")
+                with rings(_RING) as (ring,):  # the connection stays
+                    expect_ok(await client.shm(handle, 0, ring, writable=False), "honest SHM")
+                if not await still_serves(client, handle):
+                    raise Unexpected("the connection is unusable after the refusal")
+        finally:
+            for page_fd, page_map in held:
+                with contextlib.suppress(BufferError):
+                    page_map.close()
+                if page_fd >= 0:
+                    os.close(page_fd)
+            os.close(fd)
+        return self.outcome(
+            True, f"ERROR EINVAL: {message}", detect_s=detect, faults=1, reclaimed=True
+        )
+
+    @staticmethod
+    async def _hole(
+        ctx: Context, client: WireClient, fd: int, kick: int, held: list[tuple[int, mmap.mmap]]
+    ) -> str:
+        """The daemon mapped it: free its page and empty the pool, then make it look."""
+        await asyncio.sleep(0.05)  # its first poll after registration has touched the page
+        took = 0
+        for _ in range(3):  # punch again if the daemon faulted a fresh page in meanwhile
+            _punch_hole(fd, _HUGE_PAGE)
+            take = min(free_hugepages(), ctx.hugepages - took)
+            if take <= 0:
+                break
+            pool = os.memfd_create("vbus-soak-hugetlb-pool", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+            try:
+                os.ftruncate(pool, take * _HUGE_PAGE)
+                pages = mmap.mmap(pool, take * _HUGE_PAGE)
+            except OSError:
+                os.close(pool)
+                break
+            held.append((pool, pages))
+            for i in range(take):
+                pages[i * _HUGE_PAGE] = 1
+            took += take
+        free = free_hugepages()
+        os.eventfd_write(kick, 1)
+        pool_text = f"took {took} huge pages, {free} left free"
+        if await client.wait_closed(ctx.timeout):
+            return f"a hugetlb memfd was accepted; after a punched hole ({pool_text}) the daemon hung up"
+        return f"a hugetlb memfd was accepted ({pool_text}; a punched hole can SIGBUS its mapper)"
+
+
+class HugeBuffers(UserspaceMisbehaviour):
+    name = "huge_buffers"
+    expect = "absorbed"
+    summary = "256 overlapping 256 KiB buffers, re-posted to a sink as fast as it takes them"
+    pause = 2.0
+    count = 256
+    length = DEFAULT_MAX_LEN
+    seconds = 1.5
+
+    @classmethod
+    def unavailable(cls, ctx: Context) -> str | None:
+        if ctx.sink_device is None:
+            return "no sink-mode echo device on its bus"
+        return super().unavailable(ctx)
+
+    async def run(self, ctx: Context) -> Outcome:
+        assert ctx.sink_device is not None
+        rounds = 0
+        async with member(ctx, self.name) as client:
+            handle = await client.open_handle(ctx.sink_device)
+            # A pool of exactly one buffer's length: every descriptor covers all of it.
+            with contextlib.closing(HandRing(self.count, self.length // self.count)) as ring:
+                expect_ok(await client.shm(handle, 0, ring, writable=False), "SHM")
+                template = b"".join(
+                    _DESC_FIELDS.pack(i, ring.data_offset, self.length, 1, 1)
+                    for i in range(self.count)
+                )
+                descs = slice(HEADER_SIZE, HEADER_SIZE + len(template))
+                end = time.monotonic() + self.seconds
+                while time.monotonic() < end:
+                    ring.map[descs] = template
+                    ring.publish_index(ring.valid + self.count)
+                    ring.doorbell()
+                    taken = await _until(ring, lambda: ring.inuse == ring.valid, ctx.timeout)
+                    if not taken:
+                        raise Unexpected(
+                            f"the sink stopped taking huge buffers after {rounds} rounds"
+                        )
+                    rounds += 1
+                if client.events:
+                    raise Unexpected(f"well-formed huge buffers were punished: {client.events[0]}")
+                if rounds < 2:
+                    raise Unexpected(f"only {rounds} rounds of huge buffers in {self.seconds} s")
+                if not await still_serves(client, handle):
+                    raise Unexpected("call() stopped working beside the huge buffers")
+        gib = rounds * self.count * self.length / (1 << 30)
+        return self.outcome(
+            True,
+            f"{rounds} rounds of {self.count} overlapping 256 KiB buffers served ({gib:.1f} GiB)",
+            reclaimed=True,
+            detail=str(rounds),
+        )
+
+
+_DESC_FIELDS = struct.Struct("<QQQBB6x")
+
+
+async def _until(ring: HandRing, done: Callable[[], bool], timeout: float) -> bool:
+    """Sleep on the ring's call eventfd until ``done()`` (the client library's wait)."""
+    try:
+        await asyncio.wait_for(wait_for_work(ring.north.signal, done, ring.call), timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+class SparseMemory(UserspaceMisbehaviour):
+    name = "sparse_memory"
+    expect = "error"
+    summary = "big sparse memfds walked by a sink, past the shm bounds of its peer and uid"
+    pause = 2.0
+    walk = 256 * DEFAULT_MAX_LEN  # bytes of each region the sink reads (one ring's worth)
+
+    @classmethod
+    def unavailable(cls, ctx: Context) -> str | None:
+        if ctx.sink_device is None:
+            return "no sink-mode echo device on its bus"
+        if ctx.max_shm_per_peer is None or ctx.max_shm_per_uid is None:
+            return "the daemon's shared-memory bounds are not known"
+        if not ctx.cap_safe:
+            return "it reaches the per-uid bound and needs a uid no good client uses"
+        return super().unavailable(ctx)
+
+    async def run(self, ctx: Context) -> Outcome:
+        assert ctx.sink_device and ctx.max_shm_per_peer and ctx.max_shm_per_uid
+        per_peer, per_uid = ctx.max_shm_per_peer, ctx.max_shm_per_uid
+        # One region fits a peer's bound, two do not; a few connections reach the uid's.
+        chunk = min(per_peer * 3 // 4, 1 << 30)
+        buf_size = (chunk - (64 << 10)) // 256
+        async with contextlib.AsyncExitStack() as stack:
+            regions: list[HandRing] = []
+
+            def region() -> HandRing:
+                ring = HandRing(256, buf_size)
+                stack.callback(ring.close)
+                regions.append(ring)
+                return ring
+
+            first = await stack.enter_async_context(member(ctx, self.name))
+            handle = await first.open_handle(ctx.sink_device)
+            t0 = time.monotonic()
+            expect_ok(await first.shm(handle, 0, region(), writable=False), "first region")
+            accepted = regions[-1].size
+            await self._walk(regions[-1], ctx.timeout)
+            # A second region on the same connection: past the peer's bound.
+            second = await first.open_handle(ctx.sink_device)
+            code, peer_reason = error_of(await first.shm(second, 0, region(), writable=False))
+            detect = time.monotonic() - t0
+            if code != errno.ENOSPC or not any(w in peer_reason for w in ("peer", "connection")):
+                raise Unexpected(f"past the per-peer bound: {code} {peer_reason}")
+            if not await still_serves(first, handle):
+                raise Unexpected("the connection is unusable after the refusal")
+            # More connections of this uid: past the uid's bound at last.
+            clients = [first]
+            uid_reason = ""
+            for _ in range(per_uid // chunk + 2):
+                client = await stack.enter_async_context(member(ctx, self.name))
+                clients.append(client)
+                handle = await client.open_handle(ctx.sink_device)
+                reply = await client.shm(handle, 0, region(), writable=False)
+                if isinstance(reply, protocol.Ok):
+                    accepted += regions[-1].size
+                    if accepted > per_uid:
+                        raise Unexpected(f"{accepted} bytes registered by one uid")
+                    await self._walk(regions[-1], ctx.timeout)
+                    continue
+                code, uid_reason = error_of(reply)
+                if code != errno.ENOSPC or "uid" not in uid_reason:
+                    raise Unexpected(f"past the per-uid bound: {code} {uid_reason}")
+                if not await still_serves(client, handle):
+                    raise Unexpected("the connection is unusable after the refusal")
+                break
+            else:
+                raise Unexpected(f"{accepted} bytes registered and no per-uid bound")
+            ctx.note(self.name, "holding")
+            await asyncio.sleep(ctx.hold)
+            if any(c.closed_at is not None or c.events for c in clients):
+                raise Unexpected("a connection holding memory within the bounds was dropped")
+        return self.outcome(
+            True,
+            f"ERROR ENOSPC past the peer's and the uid's bounds ({accepted >> 20} MiB held): "
+            f"{uid_reason}",
+            detect_s=detect,
+            faults=2,
+            reclaimed=True,
+        )
+
+    async def _walk(self, ring: HandRing, timeout: float) -> None:
+        """Hand the sink descriptors over pages this client never touched."""
+        length = min(ring.buf_size, DEFAULT_MAX_LEN)
+        n = min(ring.count, max(1, self.walk // length))
+        ring.map[HEADER_SIZE : HEADER_SIZE + n * DESC_SIZE] = b"".join(
+            _DESC_FIELDS.pack(i, ring.data_offset + i * ring.buf_size, length, 1, 1)
+            for i in range(n)
+        )
+        ring.publish_index(n)
+        ring.doorbell()
+        if not await _until(ring, lambda: ring.inuse == n, timeout):
+            raise Unexpected("the sink did not walk the sparse region")
+
+
+# --- descriptors of the daemon -------------------------------------------------------------
+
+
+class FdExhaustion(UserspaceMisbehaviour):
+    name = "fd_exhaustion"
+    expect = "error"
+    summary = "opens connections and queues until its uid holds all the daemon's descriptors it may"
+    pause = 3.0
+    exhausts_uid = True
+    per_connection = 64  # queues per connection (the connector's cap)
+
+    async def run(self, ctx: Context) -> Outcome:
+        held: list[tuple[WireClient, int]] = []  # a connection and one of its handles
+        queues = 0
+        refusals: list[str] = []
+        limit = (ctx.max_fds_per_uid or 1 << 16) + 512  # registrations tried, at most
+        detect = None
+        try:
+            while queues < limit:
+                async with ctx.gate:
+                    client = await WireClient.connect(ctx.socket)
+                    try:
+                        reply = await client.hello(f"soak-{self.name}")
+                    except PeerClosed:
+                        client.close()
+                        reply, client = await self._refusal(ctx)
+                if not isinstance(reply, protocol.Welcome):
+                    client.close()
+                    code, message = error_of(reply)
+                    self._check(code, message, queues, "HELLO")
+                    refusals.append(f"connection refused, {errno.errorcode[code]}: {message}")
+                    break
+                held.append((client, 0))
+                fresh = True
+                refused = False
+                for _ in range(self.per_connection):
+                    handle = await client.open_handle(ctx.device)
+                    held[-1] = (client, handle)
+                    with rings(4) as (ring,):  # the daemon keeps its own descriptors
+                        t0 = time.monotonic()
+                        try:
+                            reply = await client.shm(handle, 0, ring, writable=False)
+                        except PeerClosed:
+                            raise Unexpected(f"disconnected after {queues} queues") from None
+                    if isinstance(reply, protocol.Ok):
+                        queues += 1
+                        fresh = False
+                        continue
+                    code, message = error_of(reply)
+                    if code == errno.EBUSY:
+                        break  # this connection's queue cap: go on with another one
+                    self._check(code, message, queues, "SHM")
+                    detect = time.monotonic() - t0
+                    refusals.append(f"{errno.errorcode[code]}: {message}")
+                    if not await still_serves(client, handle):
+                        raise Unexpected("the refused connection is unusable")
+                    refused = True
+                    break
+                if refused and fresh:
+                    break  # a connection holding nothing is refused: the uid's bound
+            else:
+                raise Unexpected(f"{queues} queues registered and no bound on descriptors")
+            ctx.note(self.name, "holding")
+            await asyncio.sleep(ctx.hold)
+            for client, handle in held:
+                if client.closed_at is not None or not await still_serves(client, handle):
+                    raise Unexpected("a connection within the bound was dropped")
+        finally:
+            for client, _handle in held:
+                client.close()
+        return self.outcome(
+            True,
+            f"refused past {queues} queues on {len(held)} connections: {refusals[-1]}",
+            detect_s=detect,
+            faults=len(refusals),
+            reclaimed=True,
+        )
+
+    @staticmethod
+    async def _refusal(ctx: Context) -> tuple[protocol.Message, WireClient]:
+        """Writing to a refused socket resets it, and the reset drops the reason
+        queued on it: connect once more and listen, without writing."""
+        probe = await WireClient.connect(ctx.socket)
+        try:
+            _seq, reply = await asyncio.wait_for(probe.recv(), ctx.timeout)
+        except (PeerClosed, TimeoutError):
+            probe.close()
+            raise Unexpected("a new connection was dropped without a reason") from None
+        return reply, probe
+
+    @staticmethod
+    def _check(code: int, message: str, queues: int, what: str) -> None:
+        if code not in (errno.EMFILE, errno.ENOSPC):
+            name = errno.errorcode.get(code, str(code))
+            raise Unexpected(f"{what} refused with {name} after {queues} queues: {message}")
+
+
+# --- membership and what a bus tells ---------------------------------------------------------
+
+
+def _close_all_but(*keep: int) -> None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max(soft, low + 1))
+
+
+def member_child(path: str, device: str | None, orders: int, report: int, wait: float) -> NoReturn:
+    """In a forked child: connect once told to, report the bus; once told its
+    rule is gone, keep asking the daemon for things and report what it said."""
+    try:
+        gc.disable()
+        _close_all_but(orders, report)
+        os.read(orders, 1)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(wait)
+        sock.connect(path)
+        seq = 0
+        events: list[list[Any]] = []
+
+        def ask(msg: protocol.Message) -> protocol.Message | None:
+            nonlocal seq
+            seq += 1
+            try:
+                sock.send(protocol.encode(msg, seq))
+            except OSError:  # hung up on: what it said before is still queued
+                seq = -1
+            try:
+                while True:
+                    data = sock.recv(protocol.MAX_FRAME)
+                    if not data:
+                        return None
+                    got, reply = protocol.decode_reply(data)
+                    if isinstance(reply, protocol.Event):
+                        events.append([int(reply.kind), reply.handle, reply.reason])
+                    elif got == seq:
+                        return reply
+            except OSError:  # reset: gone
+                return None
+
+        welcome = ask(protocol.Hello(1, 1, "soak-removed-member"))
+        opened = ask(protocol.Open(name=device)) if device is not None else None
+        if not isinstance(welcome, protocol.Welcome) or (
+            device is not None and not isinstance(opened, protocol.Opened)
+        ):
+            os.write(report, json.dumps({"error": f"{welcome} / {opened}"}).encode() + b"\n")
+            os._exit(0)
+        handle = opened.handle if isinstance(opened, protocol.Opened) else 0
+        os.write(report, json.dumps({"bus": welcome.bus}).encode() + b"\n")
+        os.read(orders, 1)
+        t0 = time.monotonic()
+        served = 0
+        closed_after = None
+        while time.monotonic() - t0 < wait and served < 3:
+            reply = ask(protocol.Enumerate())
+            if reply is not None and handle:
+                reply = ask(protocol.Call(handle, 1, b"still mine?"))
+            if reply is None:
+                closed_after = time.monotonic() - t0
+                break
+            if isinstance(reply, protocol.Devices | protocol.Result):
+                served += 1
+            time.sleep(0.02)
+        found = {"events": events, "served": served, "closed_after": closed_after}
+        os.write(report, json.dumps(found).encode() + b"\n")
+    finally:
+        os._exit(0)
+
+
+async def _read_line(fd: int, timeout: float) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    data = b""
+    deadline = loop.time() + timeout
+    while b"\n" not in data:
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _resolve, ready)
+        try:
+            await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise Unexpected("the member child did not report in time") from None
+        finally:
+            loop.remove_reader(fd)
+        with contextlib.suppress(BlockingIOError):
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise Unexpected("the member child went away")
+            data += chunk
+    line: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
+    return line
+
+
+async def _write_rule(fd: int, rule: str) -> None:
+    """One ``members`` write through the admin tree (it commits before returning)."""
+    try:
+        await asyncio.to_thread(os.write, fd, rule.encode() + b"\n")
+    except OSError as exc:
+        raise Unexpected(f"members write {rule!r}: {exc.strerror}") from None
+
+
+class RemovedMember(UserspaceMisbehaviour):
+    name = "removed_member"
+    expect = "disconnect"
+    summary = "keeps using its bus after its member rule was removed (with, without a device)"
+    pause = 1.0
+
+    @classmethod
+    def unavailable(cls, ctx: Context) -> str | None:
+        if ctx.members_fd is None:
+            return "no admin tree to change member rules through"
+        return super().unavailable(ctx)
+
+    async def run(self, ctx: Context) -> Outcome:
+        slowest = 0.0
+        said = ""
+        for device in (None, ctx.device):
+            detect, said = await self._once(ctx, device)
+            slowest = max(slowest, detect)
+        return self.outcome(
+            True,
+            f"BUS_GONE + disconnect, with and without a device open: {said}",
+            detect_s=slowest,
+            faults=2,
+            reclaimed=True,
+        )
+
+    async def _once(self, ctx: Context, device: str | None) -> tuple[float, str]:
+        assert ctx.members_fd is not None
+        orders_r, orders = os.pipe()
+        report, report_w = os.pipe()
+        os.set_blocking(report, False)
+        ruled = False
+        pid = -1
+        try:
+            async with ctx.gate:
+                pid = os.fork()
+                if pid == 0:
+                    member_child(str(ctx.socket), device, orders_r, report_w, min(ctx.timeout, 3.0))
+                os.close(orders_r)
+                os.close(report_w)
+                orders_r = report_w = -1
+                await _write_rule(ctx.members_fd, str(pid))  # a pid rule beats its uid rule
+                ruled = True
+                os.write(orders, b"c")
+                ready = await _read_line(report, ctx.timeout)
+            if "error" in ready:
+                raise Unexpected(f"admitted through a pid rule, then: {ready['error']}")
+            await _write_rule(ctx.members_fd, f"-{pid}")
+            ruled = False
+            os.write(orders, b"r")
+            found = await _read_line(report, ctx.timeout + 5.0)
+        finally:
+            if ruled:
+                with contextlib.suppress(Unexpected):
+                    await _write_rule(ctx.members_fd, f"-{pid}")
+            if pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                await _reap(pid)
+            for fd in (orders_r, orders, report, report_w):
+                if fd >= 0:
+                    os.close(fd)
+        what = "with a device open" if device else "with no device open"
+        gone = [
+            e for e in found["events"]
+            if e[0] == protocol.EventKind.BUS_GONE and e[1] == 0 and "no longer a member" in e[2]
+        ]  # fmt: skip
+        if found["served"]:
+            raise Unexpected(
+                f"removed from bus {ready['bus']!r} {what}, still served {found['served']} "
+                f"requests (events: {found['events']})"
+            )
+        if not gone:
+            raise Unexpected(f"removed {what}: no BUS_GONE for the connection ({found['events']})")
+        if found["closed_after"] is None:
+            raise Unexpected(f"removed {what}: told, but still connected")
+        return float(found["closed_after"]), str(gone[0][2])
+
+
+class CrossTenant(UserspaceMisbehaviour):
+    name = "cross_tenant"
+    expect = "denied"
+    summary = "reads the daemon's counters through its own bus: device ids and client ids"
+    pause = 0.5
+
+    async def run(self, ctx: Context) -> Outcome:
+        async with member(ctx, self.name) as client:
+            welcome = client.welcome
+            assert welcome is not None
+            listing = await client.request(protocol.Enumerate())
+            assert isinstance(listing, protocol.Devices)
+            ids = sorted(d.id for d in listing.devices)
+            if ids != list(range(1, len(ids) + 1)):
+                raise Unexpected(f"device ids {ids} on its bus count devices of other buses")
+            if ctx.own_bus and welcome.client_id > WireClient.welcomes:
+                raise Unexpected(
+                    f"client_id {welcome.client_id} after {WireClient.welcomes} clients of its "
+                    "bus: it counts the clients of other buses"
+                )
+            _code, nothing = error_of(
+                await client.open("no-such-device-" + ctx.rng.randbytes(4).hex())
+            )
+            probes: list[str | int] = [*ctx.hidden, *range(len(ids) + 1, len(ids) + 9), 2**31]
+            slowest = 0.0
+            for probe in probes:
+                t0 = time.monotonic()
+                reply = await client.open(probe)
+                slowest = max(slowest, time.monotonic() - t0)
+                if isinstance(reply, protocol.Opened):
+                    raise Unexpected(f"opened {probe!r}, which is not on its bus")
+                code, message = error_of(reply)
+                if code != errno.ENOENT or message != nothing:
+                    raise Unexpected(f"{probe!r} refused differently: {code} {message!r}")
+        return self.outcome(
+            True,
+            f"ids 1..{len(ids)} and client id {welcome.client_id} of its own bus; "
+            f"{len(probes)} foreign ids and names refused alike",
+            detect_s=slowest,
+            faults=len(probes),
+            reclaimed=True,
+        )
+
+
 CATALOGUE: tuple[type[UserspaceMisbehaviour], ...] = (
     Stall,
     Garbage,
@@ -980,4 +1809,14 @@ CATALOGUE: tuple[type[UserspaceMisbehaviour], ...] = (
     Crash,
     Churn,
     Namespace,
+    BlockingCall,
+    BlockingKick,
+    SemaphoreKick,
+    PathFd,
+    HugetlbHole,
+    HugeBuffers,
+    SparseMemory,
+    FdExhaustion,
+    RemovedMember,
+    CrossTenant,
 )
