@@ -2,7 +2,9 @@
 
 The south trusts nothing in shared memory: every test that breaks the ring
 checks that the south answers with ``Fault`` (or ``Invalid`` for local misuse)
-and leaves memory as it was.
+and leaves memory as it was.  Every ring test runs twice: over one flat
+region (the userspace connector's memory, the fast path) and over guest
+memory of two regions, the ring in the first and the buffers in the second.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from vbus.ioq import (
     pool_layout,
     ring_bytes,
 )
-from vbus.memory import BufferMemory
+from vbus.memory import PAGE_SIZE, BufferMemory, GuestMemory, GuestRegion, PageMemory
 from vbus.queue import Buffer
 from vbus.signal import NORTH, SOUTH, EventfdTransport
 
@@ -42,8 +44,23 @@ _DESC = struct.Struct("<QQQBB6x")
 FLAG_VALID, FLAG_SOWN = 24, 25
 
 
+MEMORIES = ("flat", "guest")
+
+
+def two_regions(buf: bytearray, split: int) -> GuestMemory:
+    """Guest memory of two adjacent regions over ``buf``, guest address =
+    offset in ``buf`` (what the north writes): [0, split) and [split, end)."""
+    return GuestMemory(
+        [GuestRegion(0, split, buf, 0), GuestRegion(split, len(buf) - split, buf, split)]
+    )
+
+
 class Ring:
-    """A north and a south end on one bytearray, with eventfds both ways."""
+    """A north and a south end on one bytearray, with eventfds both ways.
+
+    ``memory="guest"``: the south sees the bytearray as guest memory of two
+    regions, the ring (and what precedes it) in the first, the buffer pool in
+    the second."""
 
     def __init__(
         self,
@@ -55,12 +72,14 @@ class Ring:
         max_len: int | None = None,
         exact: bool = False,
         offset: int = 0,
+        memory: str = "flat",
     ) -> None:
         data, total = pool_layout(count, buf_size)
         data += offset
         total = data + count * buf_size if exact else total + offset
         self.count = count
         self.offset = offset
+        self.data = data
         self.buf = bytearray(total)
         self.size = total
         self.kick = EventfdTransport.create()  # north -> south
@@ -72,7 +91,9 @@ class Ring:
             # the free-running counters wrap during the test.
             self.hdr[VALID_AT // 4] = self.hdr[INUSE_AT // 4] = start
             self.north.valid = self.north.reaped = start
-        self.memory = BufferMemory(self.buf)
+        self.memory: BufferMemory | GuestMemory = (
+            BufferMemory(self.buf) if memory == "flat" else two_regions(self.buf, data)
+        )
         kwargs = {} if max_len is None else {"max_len": max_len}
         self.south = IoqSouth(self.memory, offset, count, self.call, writable=writable, **kwargs)
 
@@ -113,11 +134,12 @@ class Ring:
         self.call.close()
 
 
-@pytest.fixture
-def rings() -> Iterator[Callable[..., Ring]]:
+@pytest.fixture(params=MEMORIES)
+def rings(request: pytest.FixtureRequest) -> Iterator[Callable[..., Ring]]:
     made: list[Ring] = []
 
     def make(**kwargs: object) -> Ring:
+        kwargs.setdefault("memory", request.param)
         ring = Ring(**kwargs)  # type: ignore[arg-type]
         made.append(ring)
         return ring
@@ -478,6 +500,8 @@ BREAKAGES: dict[str, tuple[Breakage, str]] = {
     "ptr+len overflows u64": (lambda r, i: r.set_desc(i, ptr=2**64 - 8, len=16), "outside"),
     "ptr 2**64-1": (lambda r, i: r.set_desc(i, ptr=2**64 - 1, len=1), "outside"),
 }
+# Guest memory says more where a range starts inside a region and runs past its end.
+GUEST_MESSAGES = {"ptr+len one past": "crosses the end of the guest memory region"}
 
 
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
@@ -494,6 +518,8 @@ def test_every_broken_descriptor_is_a_fault(
         ring.north.send_many(_msgs(4))
     culprit = start + 2  # the third of four: the batch check must name it
     breaker, message = BREAKAGES[breakage]
+    if isinstance(ring.memory, GuestMemory):
+        message = GUEST_MESSAGES.get(breakage, message)
     breaker(ring, culprit)
     before = bytes(ring.buf)
     with pytest.raises(Fault, match=re.escape(message)) as info:
@@ -540,7 +566,7 @@ class RewritingSouth(IoqSouth):
         raw = bytes(super()._snapshot(first, n))
         for i in range(n):
             at = self._base + ((first + i) & self._mask) * DESC_SIZE
-            self._buf[at : at + DESC_SIZE] = _DESC.pack(0xBAD, 2**64 - 1, 2**64 - 1, 0, 0)
+            self._ring[at : at + DESC_SIZE] = _DESC.pack(0xBAD, 2**64 - 1, 2**64 - 1, 0, 0)
         return raw
 
 
@@ -687,8 +713,16 @@ def _changed(before: bytes, after: bytearray) -> set[int]:
     return {i for i, (x, y) in enumerate(zip(before, after, strict=True)) if x != y}
 
 
+def _fuzz_memory(kind: str, buf: bytearray) -> BufferMemory | GuestMemory:
+    if kind == "flat":
+        return BufferMemory(buf)
+    ring = GuestRegion(0, F_DATA, buf, 0)
+    return GuestMemory([ring, GuestRegion(F_DATA, F_SIZE - F_DATA, buf, F_DATA, kind == "rom")])
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
+    kind=st.sampled_from(["flat", "guest", "rom"]),  # rom: the buffer pool is read-only
     writable=st.booleans(),
     start=st.sampled_from([0, F_COUNT - 1, 0xFFFFFFFE]),
     posted=st.integers(0, F_COUNT),
@@ -696,6 +730,7 @@ def _changed(before: bytes, after: bytearray) -> set[int]:
     steps=st.lists(st.tuples(st.lists(patches, max_size=3), ops), max_size=8),
 )
 def test_garbage_in_the_ring_only_ever_faults(
+    kind: str,
     writable: bool,
     start: int,
     posted: int,
@@ -714,7 +749,7 @@ def test_garbage_in_the_ring_only_ever_faults(
     north.close()
     for patch in before_registration:
         _apply(buf, patch)
-    memory = BufferMemory(buf)
+    memory = _fuzz_memory(kind, buf)
     before = bytes(buf)
     try:
         south = IoqSouth(memory, 0, F_COUNT, None, writable=writable, max_len=F_BUF)
@@ -790,6 +825,8 @@ def test_garbage_in_the_ring_only_ever_faults(
                 return
             assert len(buf) == F_SIZE
             assert _changed(before, buf) <= allowed
+            if kind == "rom":
+                assert buf[F_DATA:] == before[F_DATA:], "the south wrote into read-only memory"
     finally:
         south.close()
         memory.release()
@@ -824,3 +861,250 @@ def test_a_poll_takes_a_bounded_number_of_bytes(rings: Callable[..., Ring]) -> N
     south.disable_notify()
     assert len(south.pop_many(COUNT)) == 1
     assert south.pop_many(COUNT) == []
+
+
+# --- guest memory: buffers by guest-physical address ----------------------------------
+
+RING_AT = 0x10040  # in the ring's region [0x10000, 0x11000)
+LOW, HIGH, FAR, ROM = 0x20000, 0x21000, 0x1_0000_0000, 0x80000  # LOW and HIGH are adjacent
+
+
+class GuestRing:
+    """A ring in guest memory laid out as a VMM's would be: the ring in a region
+    of its own and buffers in others, each region backed by a buffer of its
+    own at an offset into it.  The test is the north: it writes descriptors
+    and payloads by hand, through its own idea of the memory table."""
+
+    def __init__(self, *, writable: bool, count: int = COUNT) -> None:
+        self.count = count
+        table = [  # base, size, offset into the backing, read-only
+            (0x10000, 0x1000, 0x100, False),
+            (LOW, 0x1000, 0x30, False),
+            (HIGH, 0x1000, 0, False),
+            (FAR, 0x1000, 0x8, False),
+            (ROM, 0x1000, 0, True),
+        ]
+        self.regions = [GuestRegion(b, n, bytearray(o + n), o, ro) for b, n, o, ro in table]
+        self.memory = GuestMemory(self.regions)
+        ring = self.regions[0]
+        format_ring(ring.buf, RING_AT - ring.base + ring.offset, count)
+        self.south = IoqSouth(self.memory, RING_AT, count, None, writable=writable)
+        self.valid = 0
+
+    def _where(self, addr: int) -> tuple[bytearray, int]:
+        for region in self.regions:
+            if region.base <= addr < region.end:
+                assert isinstance(region.buf, bytearray)
+                return region.buf, addr - region.base + region.offset
+        raise AssertionError(f"{addr:#x} is in no region")
+
+    def poke(self, addr: int, data: bytes) -> None:
+        buf, at = self._where(addr)
+        buf[at : at + len(data)] = data
+
+    def peek(self, addr: int, length: int) -> bytes:
+        buf, at = self._where(addr)
+        return bytes(buf[at : at + length])
+
+    def post(self, ranges: list[tuple[int, int]], fill: bool = True) -> list[bytes]:
+        """Descriptors for ``ranges`` (payloads written first when ``fill``)."""
+        payloads = []
+        for i, (addr, length) in enumerate(ranges):
+            payload = bytes([(self.valid + i) & 0xFF | 0x80]) * length
+            if fill and length:
+                self.poke(addr, payload)
+            payloads.append(payload)
+            slot = (self.valid + i) & (self.count - 1)
+            self.poke(RING_AT + HEADER_SIZE + slot * DESC_SIZE, _DESC.pack(i, addr, length, 1, 1))
+        self.valid += len(ranges)
+        self.poke(RING_AT + VALID_AT, struct.pack("=I", self.valid))
+        return payloads
+
+    def backings(self) -> list[bytes]:
+        return [bytes(region.buf) for region in self.regions]
+
+    def close(self) -> None:
+        self.south.close()
+        self.memory.close()
+
+
+@pytest.fixture
+def guest_rings() -> Iterator[Callable[..., GuestRing]]:
+    made: list[GuestRing] = []
+
+    def make(**kwargs: bool) -> GuestRing:
+        made.append(GuestRing(**kwargs))
+        return made[-1]
+
+    yield make
+    for ring in made:
+        ring.close()
+
+
+def test_guest_ring_reads_buffers_by_guest_address(guest_rings: Callable[..., GuestRing]) -> None:
+    ring = guest_rings(writable=False)
+    south = ring.south
+    # Contiguous in one region: one translation, one slice.
+    sent = ring.post([(LOW + 0x10, 5), (LOW + 0x15, 7), (LOW + 0x1C, 64)])
+    assert south.read_span(COUNT) == (b"".join(sent), [5, 7, 64])
+    # One region, out of order: translated once, cut from that region's buffer.
+    sent = ring.post([(FAR + 0x800, 3), (FAR, 4), (FAR + 0xFFC, 4)])
+    assert south.read_many(COUNT) == sent
+    # All over the place (and the last byte of LOW, the first of HIGH, the read-only
+    # region: the south only reads here): one translation each.
+    sent = ring.post([(LOW + 0xFFF, 1), (HIGH, 2), (ROM + 8, 8), (FAR + 16, 0), (LOW, 3)])
+    assert south.read_many(COUNT) == sent
+    assert ring.peek(RING_AT + INUSE_AT, 4) == struct.pack("=I", 11)
+    # The general path hands out guest addresses; Memory reads them.
+    sent = ring.post([(HIGH + 0x100, 9), (ROM, 2)])
+    bufs = south.pop_many(COUNT)
+    assert [b.segments for b in bufs] == [((HIGH + 0x100, 9, False),), ((ROM, 2, False),)]
+    assert [ring.memory.read(*b.segments[0][:2]) for b in bufs] == sent
+    south.push_many([(b, 0) for b in bufs])
+    assert south.stats.messages == 13
+
+
+GUEST_BREAKAGES = {
+    "in the hole between regions": ((0x30000, 1), "outside every region"),
+    "from LOW on into HIGH": (
+        (HIGH - 2, 4),
+        f"crosses the end of the guest memory region [{LOW:#x}",
+    ),
+    "past the last region": ((FAR + 0xFFF, 2), "crosses the end"),
+    "below every region": ((0x100, 1), "outside every region"),
+    "the ring's region, past its end": ((0x10FF0, 0x20), "crosses the end"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(GUEST_BREAKAGES))
+@pytest.mark.parametrize("path", ["read_span", "read_many", "pop_many", "write_many"])
+def test_guest_ring_faults_a_buffer_outside_one_region(
+    guest_rings: Callable[..., GuestRing], breakage: str, path: str
+) -> None:
+    writable = path == "write_many"
+    ring = guest_rings(writable=writable)
+    bad, message = GUEST_BREAKAGES[breakage]
+    ring.post([(LOW, 8), (LOW + 8, 8), bad, (LOW + 16, 8)], fill=False)
+    before = ring.backings()
+    with pytest.raises(Fault, match=rf"descriptor 2: .*{re.escape(message)}"):
+        if path == "write_many":
+            ring.south.write_many(_msgs(4))
+        else:
+            getattr(ring.south, path)(4)
+    assert ring.backings() == before  # nothing handed back, nothing written
+    assert ring.south.stats.messages == 0
+
+
+def test_guest_ring_the_south_fills_buffers_in_their_regions(
+    guest_rings: Callable[..., GuestRing],
+) -> None:
+    ring = guest_rings(writable=True)
+    south = ring.south
+    # One region: translated once, written through the shifted pointers.
+    ring.post([(LOW + 0x40, 16), (LOW, 16), (LOW + 0xFF0, 16)], fill=False)
+    payloads = [b"a" * 10, b"b" * 16, b"c" * 20]  # the last one is cut to its buffer
+    assert south.write_many(payloads) == 3
+    assert ring.peek(LOW + 0x40, 16) == b"a" * 10 + bytes(6)
+    assert ring.peek(LOW, 16) == b"b" * 16
+    assert ring.peek(LOW + 0xFF0, 16) == b"c" * 16
+    lens = [
+        _DESC.unpack(ring.peek(RING_AT + HEADER_SIZE + i * DESC_SIZE, DESC_SIZE))[2]
+        for i in range(3)
+    ]
+    assert lens == [10, 16, 16]
+    # Several regions: one translation each.
+    ring.post([(HIGH, 8), (FAR + 0x10, 8), (LOW + 0x200, 8)], fill=False)
+    assert south.write_many([b"x" * 8, b"y" * 8, b"z" * 8]) == 3
+    assert [ring.peek(a, 8) for a in (HIGH, FAR + 0x10, LOW + 0x200)] == [
+        b"x" * 8,
+        b"y" * 8,
+        b"z" * 8,
+    ]
+    assert ring.regions[3].buf[0x18:0x20] == b"y" * 8  # FAR's backing starts 8 bytes in
+    assert south.stats.bytes == 10 + 16 + 16 + 24
+
+
+@pytest.mark.parametrize("path", ["write_many", "pop_many"])
+def test_guest_ring_refuses_writable_buffers_in_a_read_only_region(
+    guest_rings: Callable[..., GuestRing], path: str
+) -> None:
+    ring = guest_rings(writable=True)
+    ring.post([(LOW, 8), (ROM + 0x10, 8)], fill=False)
+    before = ring.backings()
+    with pytest.raises(Fault, match=r"descriptor 1: .*read-only guest memory region"):
+        if path == "write_many":
+            ring.south.write_many([b"x" * 8, b"y" * 8])
+        else:
+            ring.south.pop_many(2)
+    assert ring.backings() == before
+
+
+def test_guest_ring_must_lie_in_one_writable_region() -> None:
+    ring_size = ring_bytes(COUNT)
+    low, high = bytearray(0x1000), bytearray(0x1000)
+    rom = bytearray(0x1000)
+    memory = GuestMemory(
+        [
+            GuestRegion(LOW, 0x1000, low),
+            GuestRegion(HIGH, 0x1000, high),
+            GuestRegion(ROM, 0x1000, rom, readonly=True),
+        ]
+    )
+    format_ring(rom, 0, COUNT)
+    with pytest.raises(Fault, match=r"does not fit the memory .*read-only"):
+        IoqSouth(memory, ROM, COUNT, None, writable=False)
+    at = HIGH - 256  # 64-aligned, runs from LOW on into HIGH
+    with pytest.raises(Fault, match=r"does not fit the memory .*crosses the end"):
+        IoqSouth(memory, at, COUNT, None, writable=False)
+    with pytest.raises(Fault, match=r"does not fit the memory .*outside every region"):
+        IoqSouth(memory, 0x40000, COUNT, None, writable=False)
+    format_ring(high, 0x1000 - ring_size - (0x1000 - ring_size) % 64, COUNT)  # at the very end
+    south = IoqSouth(
+        memory, HIGH + 0x1000 - ring_size - (0x1000 - ring_size) % 64, COUNT, None, writable=False
+    )
+    assert south.pending() == 0
+    south.close()
+
+
+def test_one_guest_region_at_zero_takes_the_flat_path() -> None:
+    data, total = pool_layout(COUNT, BUF_SIZE)
+    buf = bytearray(total)
+    north = IoqNorth(buf, 0, COUNT, data, BUF_SIZE, None)
+    memory = GuestMemory([GuestRegion(0, total, buf)])
+    south = IoqSouth(memory, 0, COUNT, None, writable=False)
+    assert south._guest is None  # ptr is an offset into the one buffer, as for BufferMemory
+    north.send_many(_msgs(3))
+    assert south.read_many(3) == _msgs(3)
+    ring = IoqSouth(two_regions(buf, data), 0, COUNT, None, writable=False)
+    assert ring._guest is not None
+    for end in (south, ring, north):
+        end.close()
+    memory.close()
+
+
+def test_a_ring_over_mapped_pages() -> None:
+    """Xen-style memory: the ring in one page, buffers in others; a buffer may not
+    run on into the next page, even where that page is mapped too."""
+    pages = {frame: bytearray(PAGE_SIZE) for frame in (3, 7, 8)}
+    memory = PageMemory()
+    for frame, page in pages.items():
+        memory.map_page(frame, page)
+    format_ring(pages[3], 0, COUNT)
+    south = IoqSouth(memory, 3 * PAGE_SIZE, COUNT, None, writable=False)
+    descs = [(7 * PAGE_SIZE + 100, 5), (8 * PAGE_SIZE, 6), (7 * PAGE_SIZE + 105, 7)]
+    for i, (addr, length) in enumerate(descs):
+        frame, at = divmod(addr, PAGE_SIZE)
+        pages[frame][at : at + length] = bytes([i + 1]) * length
+        pages[3][HEADER_SIZE + i * DESC_SIZE : HEADER_SIZE + (i + 1) * DESC_SIZE] = _DESC.pack(
+            0, addr, length, 1, 1
+        )
+    struct.pack_into("=I", pages[3], VALID_AT, 3)
+    assert south.read_many(COUNT) == [b"\x01" * 5, b"\x02" * 6, b"\x03" * 7]
+    pages[3][HEADER_SIZE + 3 * DESC_SIZE : HEADER_SIZE + 4 * DESC_SIZE] = _DESC.pack(
+        0, 8 * PAGE_SIZE - 2, 4, 1, 1
+    )
+    struct.pack_into("=I", pages[3], VALID_AT, 4)
+    with pytest.raises(Fault, match=r"descriptor 3: .*crosses the end of page 7"):
+        south.read_many(COUNT)
+    south.close()
+    memory.release()

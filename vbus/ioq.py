@@ -21,6 +21,18 @@ out once and validates the copy (ownership, ``ptr``/``len`` against its
 can only hurt itself.  Any violation is a ``Fault`` of that north context.
 Validation is done per batch with slice comparisons that run in C
 (DESIGN.md 3.7); a per-descriptor pass only runs to name the culprit.
+
+The south works over any ``RingMemory``.  The ring itself (header and
+descriptors) must lie inside one region of it, writable, since the south
+stores into it.  A single region at address 0 (``BufferMemory``, the
+userspace connector's memfd; a ``GuestMemory`` that is one such region) is
+the fast path: a descriptor's ``ptr`` is an offset into the one buffer, one
+bounds check and one slice per batch.  Over memory of several regions
+(guest RAM, mapped pages) a batch that lies in one region is translated
+once and sliced from that region's buffer; otherwise each descriptor is
+translated on its own.  A buffer that leaves every region, runs across a
+region boundary, or (on a queue the south fills) lies in a read-only region
+is a ``Fault``, as a buffer outside a single region's memory is.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from itertools import accumulate
 from operator import add
 
 from vbus.errors import Fault, Invalid, TooBig
-from vbus.memory import BufferMemory, SharedBuffer
+from vbus.memory import BufferMemory, GuestMemory, RingMemory, SharedBuffer
 from vbus.queue import Buffer, QueueStats
 from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, ShmSignal, Transport
 
@@ -143,7 +155,7 @@ class IoqSouth:
 
     def __init__(
         self,
-        memory: BufferMemory,
+        memory: RingMemory,
         offset: int,
         count: int,
         transport: Transport | None,
@@ -157,10 +169,12 @@ class IoqSouth:
         if offset % 64:
             raise Invalid("ring offset must be 64-byte aligned")
         try:
-            memory.check(offset, ring_bytes(count))
-        except Fault:
+            # One region holds the whole ring, and the south writes into it.
+            ring, at = memory.translate(offset, ring_bytes(count), write=True)
+        except Fault as exc:
             raise Fault(
-                f"ioq: a ring of {count} descriptors at {offset:#x} does not fit the memory"
+                f"ioq: a ring of {count} descriptors at {offset:#x} does not fit the memory "
+                f"({exc.message})"
             ) from None
         magic, version, ring_count, _flags = _HEAD.unpack_from(memory.read(offset, 16))
         if magic != MAGIC:
@@ -178,14 +192,23 @@ class IoqSouth:
         self.mitigate = mitigate
         self.poll_bytes = poll_bytes
         self._credit = _UNBOUNDED  # bytes still to be taken in this poll
-        self.signal = ShmSignal(memory.buf, offset + SIGNAL_OFFSET, SOUTH, transport)
-        self._buf = memory.buf
-        self._size = memory.size
+        self.signal = ShmSignal(ring, at + SIGNAL_OFFSET, SOUTH, transport)
+        self._ring = ring  # the buffer holding the ring; _base is where its descriptors start
+        self._base = at + HEADER_SIZE
+        flat = memory.buf if isinstance(memory, BufferMemory) else None
+        if isinstance(memory, GuestMemory):
+            flat = memory.flat
+        # Data: ``_buf``, with ``ptr`` an offset into it, when the memory is one
+        # region at 0 (``_guest`` None).  Otherwise ``_size`` is -1, so that
+        # every flat bound check fails and the region-aware path takes over.
+        self._guest: RingMemory | None = None if flat is not None else memory
+        self._buf = ring if flat is None else flat
+        self._size = -1 if flat is None else memory.size
+        self._flat = (self._buf, 0)
         self._count = count
         self._mask = count - 1
-        self._base = offset + HEADER_SIZE
         self._idx = memory.cast(offset, HEADER_SIZE, "I")
-        self._dq = memory.cast(self._base, DESC_SIZE * count, "Q")
+        self._dq = memory.cast(offset + HEADER_SIZE, DESC_SIZE * count, "Q")
         # After a restart the south resumes from inuse (DESIGN.md 7).
         self._inuse = self._idx[_INUSE]
         self._cursor = self._inuse
@@ -208,17 +231,23 @@ class IoqSouth:
         end = start + n
         base = self._base
         if end <= self._count:
-            return self._buf[base + start * DESC_SIZE : base + end * DESC_SIZE]  # type: ignore[return-value]
-        return bytes(self._buf[base + start * DESC_SIZE : base + self._count * DESC_SIZE]) + bytes(
-            self._buf[base : base + (end - self._count) * DESC_SIZE]
+            return self._ring[base + start * DESC_SIZE : base + end * DESC_SIZE]  # type: ignore[return-value]
+        return bytes(self._ring[base + start * DESC_SIZE : base + self._count * DESC_SIZE]) + bytes(
+            self._ring[base : base + (end - self._count) * DESC_SIZE]
         )
 
-    def _validate(self, raw: bytes, first: int, n: int) -> tuple[list[int], list[int]]:
-        """Ownership and bounds of a snapshot, batch first; returns (ptrs, lens)."""
+    def _validate(
+        self, raw: bytes, first: int, n: int
+    ) -> tuple[list[int], list[int], tuple[SharedBuffer, int] | None]:
+        """Ownership and bounds of a snapshot, batch first; returns (ptrs, lens,
+        where): ``where`` is (buffer, shift) when every range lies in one
+        buffer at ``ptr + shift``, None when they lie in different regions."""
         words = memoryview(raw).cast("Q")
         ptrs = words[_PTR::4].tolist()
         lens = words[_LEN::4].tolist()
         words.release()
+        if self._guest is not None:
+            return ptrs, lens, self._check_regions(raw, first, n, ptrs, lens)
         if (
             raw[_FLAG_VALID::DESC_SIZE] != _ONES[:n]
             or raw[_FLAG_SOWN::DESC_SIZE] != _ONES[:n]
@@ -226,7 +255,44 @@ class IoqSouth:
             or max(map(add, ptrs, lens)) > self._size
         ):
             self._find_culprit(raw, first, n)
-        return ptrs, lens
+        return ptrs, lens, self._flat
+
+    def _check_regions(
+        self, raw: bytes, first: int, n: int, ptrs: list[int], lens: list[int]
+    ) -> tuple[SharedBuffer, int] | None:
+        """``_validate`` over memory of several regions: flags and lengths as
+        for one region, then one translation when the whole batch lies in one
+        region (its buffer and shift are returned), else one per descriptor
+        (None).  Writable regions on a queue the south fills."""
+        if (
+            raw[_FLAG_VALID::DESC_SIZE] != _ONES[:n]
+            or raw[_FLAG_SOWN::DESC_SIZE] != _ONES[:n]
+            or max(lens) > self.max_len
+        ):
+            self._find_culprit(raw, first, n)
+        where = self._locate(ptrs, lens)
+        if where is None and not all(map(self._fits, ptrs, lens)):
+            self._find_culprit(raw, first, n)
+        return where
+
+    def _locate(self, ptrs: list[int], lens: list[int]) -> tuple[SharedBuffer, int] | None:
+        """(buffer, shift) when every range of the batch lies in one region:
+        range i is then ``buffer[ptrs[i] + shift :][: lens[i]]``."""
+        assert self._guest is not None
+        lo = min(ptrs)
+        try:
+            buf, at = self._guest.translate(lo, max(map(add, ptrs, lens)) - lo, write=self.writable)
+        except Fault:
+            return None
+        return buf, at - lo
+
+    def _fits(self, ptr: int, length: int) -> bool:
+        assert self._guest is not None
+        try:
+            self._guest.translate(ptr, length, write=self.writable)
+        except Fault:
+            return False
+        return True
 
     def _find_culprit(self, raw: bytes, first: int, n: int) -> None:
         for i in range(n):
@@ -238,13 +304,18 @@ class IoqSouth:
                 raise Fault(f"{where} is not owned by the south ({sown})")
             if length > self.max_len:
                 raise Fault(f"{where}: length {length} exceeds the queue's {self.max_len}")
-            if ptr + length > self._size:
+            if self._guest is not None:
+                try:
+                    self._guest.translate(ptr, length, write=self.writable)
+                except Fault as exc:
+                    raise Fault(f"{where}: {exc.message}") from None
+            elif ptr + length > self._size:
                 raise Fault(f"{where}: [{ptr:#x}, +{length:#x}) lies outside the client's memory")
         raise AssertionError("batch validation failed but no descriptor is bad")
 
     def _release(self, first: int, n: int) -> None:
         """Hand descriptors [first, first+n) back and publish ``inuse`` once."""
-        _stride_store(self._buf, self._base, self._mask, first, n, _FLAG_SOWN, _ZEROS)
+        _stride_store(self._ring, self._base, self._mask, first, n, _FLAG_SOWN, _ZEROS)
         self._inuse = (first + n) & _M32
         # Descriptor stores above are ordered before this index store (x86 TSO).
         self._idx[_INUSE] = self._inuse
@@ -308,17 +379,51 @@ class IoqSouth:
                 raw = raw[: n * DESC_SIZE]
                 del ptrs[n:], lens[n:], expected[n:]
         end = expected[-1] + lens[-1]
-        if ptrs == expected and end <= self._size:
+        contiguous = ptrs == expected
+        if contiguous and end <= self._size:
             data: bytes = buf[start:end]  # type: ignore[assignment]
-        else:
+        elif self._guest is None:
             if max(map(add, ptrs, lens)) > self._size:
                 self._find_culprit(raw, first, n)
             data = b"".join([buf[p : p + ln] for p, ln in zip(ptrs, lens, strict=True)])
+        else:
+            data = self._read_regions(raw, first, n, ptrs, lens, contiguous)
         self._cursor = (first + n) & _M32
         self._release(first, n)
         self.stats.bytes += len(data)
         self._credit -= len(data)
         return data, lens
+
+    def _read_regions(
+        self, raw: bytes, first: int, n: int, ptrs: list[int], lens: list[int], contiguous: bool
+    ) -> bytes:
+        """read_span's copy over memory of several regions: one slice when the
+        span is contiguous and in one region, pieces of one region's buffer when
+        the batch lies in one region, else each descriptor translated alone."""
+        guest = self._guest
+        assert guest is not None
+        if contiguous:
+            start = ptrs[0]
+            length = ptrs[-1] + lens[-1] - start
+            try:
+                region, at = guest.translate(start, length)
+            except Fault:
+                pass
+            else:
+                return region[at : at + length]  # type: ignore[return-value]
+        located = self._locate(ptrs, lens)
+        if located is not None:
+            region, shift = located
+            return b"".join(
+                [region[p + shift : p + shift + ln] for p, ln in zip(ptrs, lens, strict=True)]
+            )
+        if not all(map(self._fits, ptrs, lens)):
+            self._find_culprit(raw, first, n)
+        pieces = []
+        for p, ln in zip(ptrs, lens, strict=True):
+            region, at = guest.translate(p, ln)
+            pieces.append(region[at : at + ln])
+        return b"".join(pieces)
 
     def _fit(self, lens: list[int], uniform: int) -> int:
         """How many of ``lens`` this poll's byte credit takes (0 once it is spent,
@@ -355,8 +460,12 @@ class IoqSouth:
         if n == 0:
             return 0
         first = self._cursor
-        ptrs, caps = self._validate(self._snapshot(first, n), first, n)
-        buf = self._buf
+        ptrs, caps, where = self._validate(self._snapshot(first, n), first, n)
+        if where is None:  # the batch spans regions: one translation each
+            return self._write_each(first, n, ptrs, caps, payloads)
+        buf, shift = where
+        if shift:
+            ptrs = [*map(shift.__add__, ptrs)]
         dq = self._dq
         mask = self._mask
         total = 0
@@ -375,6 +484,23 @@ class IoqSouth:
         self.stats.bytes += total
         return n
 
+    def _write_each(
+        self, first: int, n: int, ptrs: list[int], caps: list[int], payloads: Sequence[bytes]
+    ) -> int:
+        """write_many over a batch whose buffers lie in different regions."""
+        guest = self._guest
+        assert guest is not None
+        total = 0
+        for i in range(n):
+            data = payloads[i][: caps[i]]
+            guest.write(ptrs[i], data)  # validated above: inside one writable region
+            self._dq[((first + i) & self._mask) * 4 + _LEN] = len(data)
+            total += len(data)
+        self._cursor = (first + n) & _M32
+        self._release(first, n)
+        self.stats.bytes += total
+        return n
+
     # --- general path: one Buffer at a time -----------------------------------
     def pop_many(self, budget: int) -> list[Buffer]:
         n = min(self.pending(), budget)
@@ -382,7 +508,7 @@ class IoqSouth:
             return []
         first = self._cursor
         raw = self._snapshot(first, n)
-        ptrs, lens = self._validate(raw, first, n)
+        ptrs, lens, _where = self._validate(raw, first, n)
         if not self.writable:  # the device will read these: they count against the credit
             fit = self._fit(lens, 0)
             if fit < n:
