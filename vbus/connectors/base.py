@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vbus.core.members import Peer
+from vbus.core.members import Domain, Identity, process_of
 from vbus.core.model import Bus, Connection, Member, RevokeKind, Topology
 from vbus.core.resources import Account, Ledger
 from vbus.errors import Busy, Fault, NotFound, VbusError
@@ -62,6 +62,16 @@ QUEUE_TOTALS = (
     "wakeups",
     "polls",
 )
+
+
+def owner_of(identity: Identity) -> int | str:
+    """Whom the ledger charges for what ``identity`` makes the daemon hold:
+    the uid of its process (a VM's VMM), or the domain itself."""
+    process = process_of(identity)
+    if process is not None:
+        return process.uid
+    assert isinstance(identity, Domain)
+    return f"domid {identity.domid}"
 
 
 @dataclass(slots=True)
@@ -145,7 +155,7 @@ class NorthCore:
         self.norths: set[North] = set()
         self._retired = dict.fromkeys(QUEUE_TOTALS, 0)
 
-    def north(self, identity: Peer, hooks: Hooks, logger: Any = None) -> North:
+    def north(self, identity: Identity, hooks: Hooks, logger: Any = None) -> North:
         """A new north context (not yet on a bus: ``join`` it)."""
         north = North(self, identity, hooks, logger if logger is not None else log)
         self.norths.add(north)
@@ -164,12 +174,12 @@ class NorthCore:
 class North:
     """One connected north context: its identity, its bus, what it holds."""
 
-    def __init__(self, core: NorthCore, identity: Peer, hooks: Hooks, logger: Any) -> None:
+    def __init__(self, core: NorthCore, identity: Identity, hooks: Hooks, logger: Any) -> None:
         self.core = core
         self.identity = identity
         self.hooks = hooks
         self.log = logger
-        self.account: Account = core.ledger.account(identity.uid)
+        self.account: Account = core.ledger.account(owner_of(identity))
         self.member: Member | None = None
         self.handles: dict[int, Attachment] = {}
         self.queue_count = 0

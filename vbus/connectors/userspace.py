@@ -53,7 +53,7 @@ _MSG_DONTWAIT = int(socket.MSG_DONTWAIT)
 MAX_FDS = 8  # ancillary space: more than any message takes, so excess is detected
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _PEERCRED = struct.Struct("3i")
-_QUEUE_FDS = 2  # a queue keeps its kick and call eventfds (the memfd is closed once mapped)
+_QUEUE_FDS = 3  # kick and call eventfds, and the dup of the memfd that mmap.mmap keeps (3.11)
 _EVENT_KINDS = {
     "device_removed": protocol.EventKind.DEVICE_REMOVED,
     "bus_gone": protocol.EventKind.BUS_GONE,

@@ -88,24 +88,26 @@ class Ledger:
         self.shm = 0
         self.fds = 0
         self.maps = 0
-        self._uid_shm: dict[int, int] = {}
-        self._uid_fds: dict[int, int] = {}
+        self._uid_shm: dict[int | str, int] = {}
+        self._uid_fds: dict[int | str, int] = {}
 
-    def account(self, uid: int) -> Account:
-        return Account(self, uid)
+    def account(self, owner: int | str) -> Account:
+        """A new peer's account, charged to ``owner``: a uid (a process, or a
+        VM through its VMM) or a label such as ``"domid 7"`` (a Xen domain)."""
+        return Account(self, owner)
 
-    def uid_usage(self, uid: int) -> tuple[int, int]:
-        """(shared-memory bytes, descriptors) held by ``uid``'s peers."""
-        return self._uid_shm.get(uid, 0), self._uid_fds.get(uid, 0)
+    def uid_usage(self, owner: int | str) -> tuple[int, int]:
+        """(shared-memory bytes, descriptors) held by ``owner``'s peers."""
+        return self._uid_shm.get(owner, 0), self._uid_fds.get(owner, 0)
 
     def _take(self, account: Account, shm: int, fds: int, maps: int) -> None:
         uid = account.uid
+        who = f"uid {uid}" if isinstance(uid, int) else uid
         if fds:
             held = self._uid_fds.get(uid, 0)
             if held + fds > self.fds_per_uid:
                 raise TooManyFiles(
-                    f"file descriptor limit for uid {uid} reached "
-                    f"({held} of {self.fds_per_uid} held)"
+                    f"file descriptor limit for {who} reached ({held} of {self.fds_per_uid} held)"
                 )
             if self.fds + fds > self.fd_budget:
                 raise TooManyFiles("the daemon is short of file descriptors; try again later")
@@ -120,7 +122,7 @@ class Ledger:
             held = self._uid_shm.get(uid, 0)
             if held + shm > self.shm_per_uid:
                 raise NoSpace(
-                    f"shared memory limit for uid {uid} is {format_size(self.shm_per_uid)} "
+                    f"shared memory limit for {who} is {format_size(self.shm_per_uid)} "
                     f"({format_size(held)} registered)"
                 )
             if self.shm + shm > self.shm_total:
@@ -149,7 +151,7 @@ class Account:
 
     __slots__ = ("fds", "ledger", "maps", "shm", "uid")
 
-    def __init__(self, ledger: Ledger, uid: int) -> None:
+    def __init__(self, ledger: Ledger, uid: int | str) -> None:
         self.ledger = ledger
         self.uid = uid
         self.shm = 0
