@@ -25,8 +25,8 @@ from typing import Any
 
 __all__ = [
     "MAX_RSS_GROWTH",
-    "RSS_ALLOWANCE_KIB",
     "MIN_RATIO",
+    "RSS_ALLOWANCE_KIB",
     "Bound",
     "check_bounds",
     "percentile",
