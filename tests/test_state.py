@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,57 @@ def test_fsync_failure_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.undo()
     assert store.load() == {"a": 1}
     assert sorted(p.name for p in store.path.parent.iterdir()) == ["state.json"]
+
+
+async def test_async_save_fails_like_the_sync_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing disk under ``commit`` surfaces, keeps the old state, leaves no temp file."""
+    state = {"a": 1}
+    store = StateStore(tmp_path / "state.json", lambda: dict(state))
+    await store.commit()
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    state["a"] = 2
+    with pytest.raises(OSError):
+        await store.commit()
+    monkeypatch.undo()
+    assert store.load() == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_a_slow_disk_never_stalls_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each fsync of a commit takes 0.4 s here; the loop keeps running meanwhile
+    (measured by the daemon's own lag monitor), and the commit still waits for
+    them.  The same fsync called on the loop is seen by the monitor: the
+    measurement can see a stall."""
+    from vbus.loopmon import LoopMonitor
+
+    real_fsync = os.fsync
+    slow = 0.4
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(slow)
+        real_fsync(fd)
+
+    store = store_of(tmp_path)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    monitor = LoopMonitor(asyncio.get_running_loop(), interval=0.01)
+    monitor.start()
+    started = time.monotonic()
+    await store.commit()
+    took = time.monotonic() - started
+    await asyncio.sleep(0.05)
+    off_loop = monitor.worst
+    store.save_sync({"value": 1})  # the blocking form, on the loop: a stall
+    await asyncio.sleep(0.05)
+    monitor.stop()
+    assert took >= 2 * slow  # the file's fsync and the directory's were awaited
+    assert off_loop < slow / 2, f"the loop stalled {off_loop:.3f} s during commit()"
+    assert monitor.worst >= slow, "the monitor did not see a blocking fsync"

@@ -3,19 +3,25 @@
 One JSON file holds ``Topology.snapshot()``.  A save writes a temporary file
 in the same directory, fsyncs it, renames it over the old one and fsyncs the
 directory, so at any instant the file on disk is either the previous state or
-the new one, whole.  Saves are serialised and run in a worker thread so an
-fsync never stalls the event loop; the admin tree awaits the save before the
-syscall that caused it returns.
+the new one, whole.  Saves are serialised; each of their file operations is
+awaited through aiofiles (on the loop's worker threads), so an fsync on a slow
+disk never stalls the event loop.  The admin tree awaits the save before the
+syscall that caused it returns.  ``save_sync`` is the same sequence for the
+moment before the loop serves anybody (the first save at start).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import aiofiles
+import aiofiles.os
 
 from vbus.errors import Invalid
 
@@ -69,32 +75,45 @@ class StateStore:
             raise Invalid(f"state file {self.path} holds no topology")
         return topology
 
+    def _encode(self, snapshot: dict[str, Any]) -> bytes:
+        document = {"version": FORMAT_VERSION, "topology": snapshot}
+        return json.dumps(document, indent=1, sort_keys=True).encode()
+
+    def _tmp(self) -> Path:
+        return self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
+
     def save_sync(self, snapshot: dict[str, Any]) -> None:
-        """Write atomically and durably: temp file, fsync, rename, fsync the directory."""
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(
-            {"version": FORMAT_VERSION, "topology": snapshot}, indent=1, sort_keys=True
-        ).encode()
-        tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        """Write atomically and durably: temp file, fsync, rename, fsync the
+        directory.  Blocks: only for before the loop serves anybody."""
+        data, tmp = self._encode(snapshot), self._tmp()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(tmp, "wb", opener=_private) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _fsync_directory(self.path.parent)
+        self.saves += 1
+
+    async def save(self, snapshot: dict[str, Any]) -> None:
+        """``save_sync``'s steps, each awaited off the loop."""
+        data, tmp = self._encode(snapshot), self._tmp()
+        await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
         try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+            async with aiofiles.open(tmp, "wb", opener=_private) as f:
+                await f.write(data)
+                await f.flush()
+                await _fsync(f.fileno())
+            await aiofiles.os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await asyncio.shield(aiofiles.os.remove(tmp))
+            raise
+        await _fsync_directory_async(self.path.parent)
         self.saves += 1
 
     async def commit(self) -> None:
@@ -103,4 +122,26 @@ class StateStore:
         Saves never overlap, and each one snapshots under the lock, so the last
         save to finish holds every change acknowledged before it."""
         async with self._lock:
-            await asyncio.to_thread(self.save_sync, self.snapshot())
+            await self.save(self.snapshot())
+
+
+def _private(path: str, flags: int) -> int:
+    """``open``'s opener: the state file is the administrator's alone."""
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+def _fsync_file(fd: int) -> None:
+    os.fsync(fd)  # looked up at each call, so a test can slow the disk down
+
+
+def _fsync_directory(directory: Path) -> None:
+    """The rename is durable once the directory's entry is."""
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+_fsync = aiofiles.os.wrap(_fsync_file)
+_fsync_directory_async = aiofiles.os.wrap(_fsync_directory)
