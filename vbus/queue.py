@@ -261,7 +261,7 @@ class QueueBase(ABC):
             done += 1
         return done
 
-    # --- segment helpers --------------------------------------------------------------
+    # --- walking segments ------------------------------------------------------------
     def gather(self, buf: Buffer) -> bytes:
         """The bytes of ``buf``'s readable segments, joined in chain order."""
         read = self.memory.read
