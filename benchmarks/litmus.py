@@ -21,7 +21,23 @@ Layout of the mapping (every array starts on its own page)::
 Each process announces the iteration it is at in its progress counter and
 spins until the other has reached it too, so the two stay in lock step.
 
-    python -m benchmarks.litmus --mode both --iterations 3000000 [--json]
+``--pattern wakeup`` runs the same race through the real code, two
+``ShmSignal`` ends over the mapping, with a fresh signal block per
+iteration (the south's side starts disarmed, as while it polls)::
+
+    north: P[i] = 1; kicked = signal.notify()     (store dirty; fence; load enabled)
+    south: signal.arm(); seen = P[i]              (store enabled; fence; load P)
+
+``seen == kicked == 0`` is a lost wake-up: the north skipped the kick and
+the south went to sleep without seeing the work.  ``nofence`` replaces
+``vbus.signal.fence`` with nothing in both children.  The interpreter's own
+work between each store and its load (a method call, the flag arithmetic)
+narrows the window a great deal: on the 2-CPU development VM the unfenced
+wakeup pattern lost no wake-up in 16 M iterations, where the bare pattern
+reorders about once per thousand.  The fence is what makes it impossible
+rather than rare; tests/test_signal.py checks its place deterministically.
+
+    python -m benchmarks.litmus --mode both --iterations 3000000 [--pattern wakeup] [--json]
 """
 
 from __future__ import annotations
@@ -40,9 +56,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import vbus.signal
+from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, ShmSignal
 from vbus.signal import fence as vbus_fence
 
-__all__ = ["LitmusResult", "main", "run_litmus", "usable_cpus"]
+__all__ = ["PATTERNS", "LitmusResult", "main", "run_litmus", "usable_cpus"]
+
+PATTERNS = ("store-load", "wakeup")
 
 DEFAULT_ITERATIONS = 3_000_000
 _PAGE = mmap.PAGESIZE
@@ -52,17 +72,20 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass(frozen=True, slots=True)
 class LitmusResult:
-    """Outcome counts of one run; ``outcomes[(r1, r2)]``."""
+    """Outcome counts of one run; ``outcomes[(r1, r2)]`` (wakeup: r1 = the
+    south saw the work, r2 = the north kicked)."""
 
     mode: str
     iterations: int
     outcomes: dict[tuple[int, int], int]
     seconds: float
     pinned: tuple[int, ...]
+    pattern: str = "store-load"
 
     @property
     def reordered(self) -> int:
-        """Iterations where both loads passed both stores (r1 == r2 == 0)."""
+        """Iterations where both loads passed both stores (r1 == r2 == 0); for
+        the wakeup pattern, the lost wake-ups."""
         return self.outcomes[(0, 0)]
 
     @property
@@ -72,6 +95,7 @@ class LitmusResult:
     def as_dict(self) -> dict[str, object]:
         return {
             "mode": self.mode,
+            "pattern": self.pattern,
             "iterations": self.iterations,
             "r1r2_00": self.outcomes[(0, 0)],
             "r1r2_01": self.outcomes[(0, 1)],
@@ -117,6 +141,63 @@ def _spin_store_load(
             mine[i] = 1
             fence()
             seen[i] = theirs[i]
+
+
+def _no_fence() -> None:
+    """What ``vbus.signal.fence`` becomes in a ``nofence`` child."""
+
+
+def _wakeup_north(
+    buf: mmap.mmap,
+    signals_at: int,
+    published: memoryview,
+    kicked: memoryview,
+    my_progress: memoryview,
+    their_progress: memoryview,
+    n: int,
+    fence: bool,
+) -> None:
+    """The producer half through ``ShmSignal``: publish, then ``notify``."""
+    if not fence:
+        vbus.signal.fence = _no_fence  # this child only
+    for i in range(n):
+        sig = ShmSignal(buf, signals_at + i * SIGNAL_SIZE, NORTH, None)
+        my_progress[0] = i
+        while their_progress[0] < i:
+            pass
+        published[i] = 1
+        kicked[i] = sig.notify()
+
+
+def _wakeup_south(
+    buf: mmap.mmap,
+    signals_at: int,
+    published: memoryview,
+    seen: memoryview,
+    my_progress: memoryview,
+    their_progress: memoryview,
+    n: int,
+    fence: bool,
+) -> None:
+    """The consumer half through ``ShmSignal``: ``arm``, then re-check."""
+    if not fence:
+        vbus.signal.fence = _no_fence
+    for i in range(n):
+        sig = ShmSignal(buf, signals_at + i * SIGNAL_SIZE, SOUTH, None)
+        my_progress[0] = i
+        while their_progress[0] < i:
+            pass
+        sig.arm()
+        seen[i] = published[i]
+
+
+def _signal_blocks(n: int) -> bytes:
+    """``n`` fresh signal blocks: the south's side disarmed (it is polling),
+    the north's enabled, nothing pending."""
+    one = bytearray(SIGNAL_SIZE)
+    ShmSignal.format(one, 0)
+    one[8 + 4 * SOUTH] = 0
+    return bytes(one) * n
 
 
 def _die_with_parent(parent: int) -> None:
@@ -205,14 +286,25 @@ def _count_outcomes(r1: bytes, r2: bytes) -> dict[tuple[int, int], int]:
     return outcomes
 
 
-def run_litmus(iterations: int, *, fence: bool, timeout: float = 600.0) -> LitmusResult:
-    """Run the store-buffer litmus test ``iterations`` times in two forked processes."""
+def run_litmus(
+    iterations: int, *, fence: bool, timeout: float = 600.0, pattern: str = "store-load"
+) -> LitmusResult:
+    """Run the litmus test ``iterations`` times in two forked processes:
+    ``pattern`` is the bare store-buffer pattern or the shm_signal wake-up."""
     if iterations <= 0:
         raise ValueError("iterations must be positive")
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern is one of {', '.join(PATTERNS)}")
+    wakeup = pattern == "wakeup"
     n = iterations
     span = (n + _PAGE - 1) // _PAGE * _PAGE
     x_at, y_at, r1_at, r2_at = (_PAGE + k * span for k in range(4))
-    mapping = mmap.mmap(-1, _PAGE + 4 * span, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    # wakeup: X is the published work, Y unused; the signal blocks follow.
+    signals_at = _PAGE + 4 * span
+    signals = (n * SIGNAL_SIZE + _PAGE - 1) // _PAGE * _PAGE if wakeup else 0
+    mapping = mmap.mmap(-1, _PAGE + 4 * span + signals, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    if wakeup:
+        mapping[signals_at : signals_at + n * SIGNAL_SIZE] = _signal_blocks(n)
     cpus = usable_cpus()
     pinned: tuple[int, ...] = (cpus[0], cpus[1]) if len(cpus) >= 2 else ()
     fence_fn = vbus_fence if fence else None
@@ -238,7 +330,15 @@ def run_litmus(iterations: int, *, fence: bool, timeout: float = 600.0) -> Litmu
                 pid = os.fork()
                 if pid == 0:
                     cpu = pinned[side] if pinned else None
-                    if side == 0:  # X = 1; r1 = Y
+                    if wakeup and side == 0:  # arm; r1 = X (seen)
+                        body = partial(
+                            _wakeup_south, mapping, signals_at, x, r1, prog_a, prog_b, n, fence
+                        )
+                    elif wakeup:  # X = 1; r2 = notify() (kicked)
+                        body = partial(
+                            _wakeup_north, mapping, signals_at, x, r2, prog_b, prog_a, n, fence
+                        )
+                    elif side == 0:  # X = 1; r1 = Y
                         body = partial(_spin_store_load, x, y, r1, prog_a, prog_b, n, fence_fn)
                     else:  # Y = 1; r2 = X
                         body = partial(_spin_store_load, y, x, r2, prog_b, prog_a, n, fence_fn)
@@ -255,13 +355,20 @@ def run_litmus(iterations: int, *, fence: bool, timeout: float = 600.0) -> Litmu
             view.release()
         mv.release()
         mapping.close()
-    return LitmusResult("fence" if fence else "nofence", n, outcomes, seconds, pinned)
+    mode = "fence" if fence else "nofence"
+    return LitmusResult(mode, n, outcomes, seconds, pinned, pattern)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--mode", choices=("fence", "nofence", "both"), default="both")
+    parser.add_argument(
+        "--pattern",
+        choices=PATTERNS,
+        default="store-load",
+        help="store-load: the bare pattern; wakeup: through two ShmSignal ends",
+    )
     parser.add_argument("--json", action="store_true", help="emit one JSON object")
     args = parser.parse_args(argv)
     if args.iterations <= 0:
@@ -269,14 +376,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(usable_cpus()) < 2:
         print("warning: fewer than 2 CPUs, the processes cannot run in parallel", file=sys.stderr)
     modes = ("fence", "nofence") if args.mode == "both" else (args.mode,)
-    results = [run_litmus(args.iterations, fence=mode == "fence") for mode in modes]
+    results = [
+        run_litmus(args.iterations, fence=mode == "fence", pattern=args.pattern) for mode in modes
+    ]
     if args.json:
         print(json.dumps({"results": [r.as_dict() for r in results]}, indent=2))
     else:
         for r in results:
             o = r.outcomes
             print(
-                f"{r.mode:8} iterations={r.iterations} r1==r2==0: {o[(0, 0)]}  "
+                f"{r.pattern} {r.mode:8} iterations={r.iterations} r1==r2==0: {o[(0, 0)]}  "
                 f"(0,1): {o[(0, 1)]}  (1,0): {o[(1, 0)]}  (1,1): {o[(1, 1)]}  "
                 f"{r.seconds:.2f} s, {r.rate:,.0f} iterations/s, cpus {list(r.pinned)}"
             )

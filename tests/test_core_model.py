@@ -23,6 +23,8 @@ from vbus.core.model import (
 )
 from vbus.core.registry import Registry
 from vbus.errors import Busy, Denied, Exists, Invalid, NoSuchTask, NotFound, VbusError
+from vbus.queue import Queue
+from vbus.testing import DeviceHarness
 
 SELF_UID = 1000
 
@@ -1179,3 +1181,37 @@ def test_admit_denies_without_a_hint(topo: Topology, tasks: FakeTasks) -> None:
         assert info.value.message == NOT_A_MEMBER
         assert "secret" not in info.value.message
     assert topo.clients() == []
+
+
+# --- Session defaults -------------------------------------------------------------------
+
+
+class Keeper(DeviceModel):
+    """Keeps every queue it is given and leaves polling and rearm to the defaults."""
+
+    name = "keeper"
+    description = "test device"
+
+    def open(self, conn: Connection) -> Session:
+        return KeeperSession(self, conn)
+
+
+class KeeperSession(Session):
+    def shm(self, index: int, queue: Queue) -> None:
+        self.queues[index] = queue
+
+
+def test_default_rearm_counts_only_north_to_south_work() -> None:
+    with DeviceHarness(Keeper) as dev:
+        tx = dev.queue(0, writable=False)
+        rx = dev.queue(1, writable=True)
+        rx.post_many([64] * 4)  # the north keeps receive buffers posted: room, not work
+        dev.session.quiesce()
+        assert dev.session.rearm() is False
+        assert tx.notify_enabled and rx.notify_enabled  # both re-enabled all the same
+        assert dev.poll() == 0  # asleep after one poll, not re-polled at every iteration
+        assert dev.polls == 1
+        tx.post(b"work")
+        dev.session.quiesce()
+        assert dev.session.rearm() is True
+        assert tx.notify_enabled and rx.notify_enabled

@@ -14,6 +14,7 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -443,27 +444,96 @@ def test_pop_and_push_in_order_with_cookies(rings: Callable[..., Ring]) -> None:
     assert south.stats.messages == 3
 
 
-def test_push_refuses_out_of_order_and_foreign_buffers(rings: Callable[..., Ring]) -> None:
+def test_push_refuses_foreign_buffers_and_second_pushes(rings: Callable[..., Ring]) -> None:
     ring = rings(writable=False)
     south = ring.south
     ring.north.send_many(_msgs(4))
     a, b, c = south.pop_many(3)
     before = bytes(ring.buf)
-    with pytest.raises(Invalid, match="out of order"):
-        south.push(b)
-    with pytest.raises(Invalid, match="out of order"):
-        south.push_many([(a, 0), (c, 0)])
     not_popped = Buffer(3, 0, ((0, 1, False),))
-    with pytest.raises(Invalid, match="out of order"):
+    with pytest.raises(Invalid, match="not popped"):
+        south.push(not_popped)
+    with pytest.raises(Invalid, match="not popped"):
         south.push_many([(a, 0), (b, 0), (c, 0), (not_popped, 0)])
+    with pytest.raises(Invalid, match="not popped"):
+        south.push_many([(b, 0), (b, 0)])  # the same buffer twice in one batch
+    with pytest.raises(Invalid, match="written"):
+        south.push_many([(b, 0), (c, 1)])  # the south does not write into a north->south buffer
     assert bytes(ring.buf) == before  # nothing handed back by a refused push
     south.push(a)
-    with pytest.raises(Invalid):
-        south.push(a)  # twice
-    with pytest.raises(Invalid, match="written"):
-        south.push(b, 1)  # the south does not write into a north->south buffer
-    south.push_many([(b, 0), (c, 0)])
+    with pytest.raises(Invalid, match="not popped"):
+        south.push(a)  # handed back already
+    south.push(c)  # out of order: held
+    with pytest.raises(Invalid, match="not popped"):
+        south.push(c)  # held already
+    assert ring.inuse == 1
+    south.push(b)
     assert ring.inuse == 3
+
+
+@pytest.mark.parametrize("start", [0, NEAR_WRAP + 14])
+def test_out_of_order_completion_is_published_in_ring_order(
+    rings: Callable[..., Ring], start: int
+) -> None:
+    """The contract lets a device push popped buffers in any order; ioq's
+    ``inuse`` is one counter, so each is published with the run it completes."""
+    ring = rings(writable=True, start=start)
+    south, north = ring.south, ring.north
+    north.post_empty(4)
+    a, b, c, d = south.pop_many(4)
+    for buf, reply in ((a, b"A"), (b, b"BB"), (c, b"CCC"), (d, b"DDDD")):
+        ((ptr, _length, _writable),) = buf.segments
+        ring.memory.write(ptr, reply)
+    south.push(c, 3)
+    south.push(b, 2)
+    assert ring.inuse == start & M32  # a still holds the ring
+    assert north.completed() == 0
+    assert ring.desc(c.index)[2] == 3  # its length already written, not yet published
+    with pytest.raises(Invalid, match="popped"):
+        south.write_many([b"x"])  # the data paths hand back in ring order
+    assert south.kick_north() is True  # nothing to see yet, but kicking is harmless
+    south.push(a, 1)
+    assert ring.inuse == (start + 3) & M32  # a, b, c at once
+    assert south.stats.messages == 3
+    assert north.recv_many(8) == [b"A", b"BB", b"CCC"]
+    south.push_many([(d, 4)])
+    assert north.recv_many(8) == [b"DDDD"]
+    assert south.stats.bytes == 10
+    assert south.write_many([b"again"]) == 1  # nothing held: the fast path is back
+    assert north.recv_many(8) == [b"again"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(order=st.permutations(range(COUNT)), batch=st.integers(1, 3), writable=st.booleans())
+def test_any_completion_order_hands_every_buffer_back_once(
+    order: list[int], batch: int, writable: bool
+) -> None:
+    ring = Ring(writable=writable, start=NEAR_WRAP + 12)
+    try:
+        south, north = ring.south, ring.north
+        if writable:
+            north.post_empty(COUNT)
+        else:
+            assert north.send_many(_msgs(COUNT)) == COUNT
+        bufs = south.pop_many(COUNT)
+        published = [ring.inuse]
+        items = [(bufs[i], i + 1 if writable else 0) for i in order]
+        for k in range(0, COUNT, batch):
+            south.push_many(items[k : k + batch])
+            published.append(ring.inuse)
+            # inuse only ever covers a prefix of the ring whose buffers were all pushed
+            done = {order[j] for j in range(min(k + batch, COUNT))}
+            covered = (ring.inuse - (NEAR_WRAP + 12)) & M32
+            assert set(range(covered)) <= done
+            assert covered == COUNT or covered not in done
+        assert ring.inuse == (NEAR_WRAP + 12 + COUNT) & M32
+        assert south.stats.messages == COUNT
+        assert all((b - a) & M32 <= COUNT for a, b in pairwise(published))  # never backwards
+        if writable:
+            assert [ring.desc(buf.index)[2] for buf in bufs] == list(range(1, COUNT + 1))
+        assert all(ring.desc(buf.index)[4] == 0 for buf in bufs)  # sown cleared on every one
+    finally:
+        ring.close()
 
 
 def test_push_reports_written_bytes_on_a_queue_the_south_fills(

@@ -8,10 +8,15 @@ import signal
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any, Literal
 
 import pytest
 
+import vbus.signal
 from vbus.errors import Fault, Invalid
+from vbus.ioq import SIGNAL_OFFSET as SIGNAL_AT
+from vbus.ioq import IoqNorth, IoqSouth, pool_layout
+from vbus.memory import BufferMemory
 from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, EventfdTransport, SharedEventfd, ShmSignal
 
 OFFSET = 32  # not at the start of the buffer: offsets must be honoured
@@ -146,6 +151,188 @@ def test_garbage_flags_are_read_as_truthy_bytes(buf: bytearray) -> None:
     assert south.notify() is True
     buf[at : at + 3] = b"\xff\x80\x00"
     assert south.notify() is False
+
+
+# --- the fence: store, then fence, then load (deterministic) ----------------------------
+#
+# Both halves of the handshake are "store mine, fence, load theirs" (the
+# store-buffer pattern, tests/test_litmus.py shows what x86 does without the
+# fence).  Here every byte access to the flags and every index access is
+# recorded, with ``vbus.signal.fence`` replaced by a marker, so that the
+# order is checked exactly, on every run.
+
+FLAG_NAMES = {
+    8 + 4 * side + field: f"{who}.{name}"
+    for side, who in ((NORTH, "north"), (SOUTH, "south"))
+    for field, name in ((0, "enabled"), (1, "pending"), (2, "dirty"))
+}
+
+
+class RecordingBuffer(bytearray):
+    """A bytearray that records single-byte loads and stores at named offsets."""
+
+    trace: list[str]
+    names: dict[int, str]
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, int) and key in self.names:
+            self.trace.append(f"load {self.names[key]}")
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, int) and key in self.names:
+            self.trace.append(f"store {self.names[key]}")
+        super().__setitem__(key, value)
+
+
+class RecordingIndex:
+    """A ring header's ``'I'`` view that records accesses to the two indexes."""
+
+    NAMES = {64 // 4: "valid", 128 // 4: "inuse"}
+
+    def __init__(self, view: memoryview, trace: list[str]) -> None:
+        self._view = view
+        self._trace = trace
+
+    def __getitem__(self, i: int) -> int:
+        if i in self.NAMES:
+            self._trace.append(f"load {self.NAMES[i]}")
+        value: int = self._view[i]
+        return value
+
+    def __setitem__(self, i: int, value: int) -> None:
+        if i in self.NAMES:
+            self._trace.append(f"store {self.NAMES[i]}")
+        self._view[i] = value
+
+    def release(self) -> None:
+        self._view.release()
+
+
+class RecordingMemory(BufferMemory):
+    """The south's memory over a RecordingBuffer, its header view recorded too."""
+
+    def __init__(self, buf: RecordingBuffer) -> None:
+        super().__init__(buf)
+        self.trace = buf.trace
+
+    def cast(self, addr: int, length: int, fmt: Literal["I", "Q"]) -> memoryview[int]:
+        view = super().cast(addr, length, fmt)
+        if fmt == "I" and addr == 0:
+            return RecordingIndex(view, self.trace)  # type: ignore[return-value]
+        return view
+
+
+@pytest.fixture
+def trace(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    events: list[str] = []
+    monkeypatch.setattr(vbus.signal, "fence", lambda: events.append("fence"))
+    return events
+
+
+def _recording(size: int, base: int, trace: list[str]) -> RecordingBuffer:
+    buf = RecordingBuffer(size)
+    buf.trace = trace
+    buf.names = {base + at: name for at, name in FLAG_NAMES.items()}
+    return buf
+
+
+def _between(trace: list[str], store: str, load: str) -> list[str]:
+    """What ``trace`` holds from the last ``store`` before the first ``load`` on."""
+    first_load = trace.index(load)
+    last_store = max(i for i, event in enumerate(trace[:first_load]) if event == store)
+    return trace[last_store : first_load + 1]
+
+
+def test_arm_stores_enabled_then_fences(trace: list[str]) -> None:
+    buf = _recording(OFFSET + SIGNAL_SIZE, OFFSET, trace)
+    ShmSignal.format(buf, OFFSET)
+    south = ShmSignal(buf, OFFSET, SOUTH, None)
+    south.disarm()
+    trace.clear()
+    south.arm()
+    # The fence comes last: the caller's re-check loads cannot pass the store.
+    assert trace == ["store south.enabled", "fence"]
+
+
+def test_notify_stores_dirty_fences_then_loads_the_other_sides_flags(trace: list[str]) -> None:
+    buf = _recording(OFFSET + SIGNAL_SIZE, OFFSET, trace)
+    ShmSignal.format(buf, OFFSET)
+    north = ShmSignal(buf, OFFSET, NORTH, None)
+    trace.clear()
+    assert north.notify() is True
+    assert trace == [
+        "store south.dirty",
+        "fence",
+        "load south.enabled",
+        "load south.pending",
+        "store south.pending",
+    ]
+    trace.clear()
+    assert north.notify() is False  # pending: suppressed, but fenced the same way
+    assert trace[:3] == ["store south.dirty", "fence", "load south.enabled"]
+
+
+def test_the_south_fences_between_its_stores_and_its_loads(trace: list[str]) -> None:
+    """The whole handshake through ioq, south side: arming then re-checking the
+    north's index (``enable_notify``), and handing back then reading the
+    north's flags (``push`` + ``kick_north``)."""
+    count, buf_size = 4, 64
+    data, size = pool_layout(count, buf_size)
+    buf = _recording(size, SIGNAL_AT, trace)
+    north = IoqNorth(buf, 0, count, data, buf_size, None)
+    memory = RecordingMemory(buf)
+    south = IoqSouth(memory, 0, count, None, writable=True)
+    try:
+        south.disable_notify()
+        trace.clear()
+        assert south.enable_notify() is False
+        assert trace == ["store south.enabled", "fence", "load valid"]
+
+        north.post_empty(1)
+        south.disable_notify()
+        buffer = south.pop()
+        assert buffer is not None
+        trace.clear()
+        south.push(buffer, 0)
+        south.kick_north()
+        assert _between(trace, "store inuse", "load north.enabled") == [
+            "store inuse",
+            "store north.dirty",
+            "fence",
+            "load north.enabled",
+        ]
+    finally:
+        south.close()
+        north.close()
+        memory.release()
+
+
+def test_the_north_fences_between_publishing_and_reading_the_souths_flags(
+    trace: list[str],
+) -> None:
+    count, buf_size = 4, 64
+    data, size = pool_layout(count, buf_size)
+    buf = _recording(size, SIGNAL_AT, trace)
+    north = IoqNorth(buf, 0, count, data, buf_size, None)
+    north._idx = RecordingIndex(north._idx, trace)  # type: ignore[assignment]
+    try:
+        trace.clear()
+        assert north.send_many([b"x"]) == 1
+        north.signal.notify()  # what the client library does after send_many
+        assert _between(trace, "store valid", "load south.enabled") == [
+            "store valid",
+            "store south.dirty",
+            "fence",
+            "load south.enabled",
+        ]
+        trace.clear()
+        north.signal.disarm()
+        north.signal.arm()
+        north.completed()  # wait_for_work's re-check
+        assert trace[-3:] == ["store north.enabled", "fence", "load inuse"]
+    finally:
+        north.close()
 
 
 # --- eventfd transport ------------------------------------------------------------

@@ -11,7 +11,11 @@ Layout, little-endian, at a 64-byte aligned offset in the north's memory::
 ``valid`` and ``inuse`` are free-running u32 counters (slot = index & (count-1)).
 The north fills descriptors, sets ``valid``/``sown`` and advances ``valid``;
 the south takes them in order, writes ``len`` back on queues it fills, clears
-``sown`` and advances ``inuse``.  Indexes are read and written as single
+``sown`` and advances ``inuse``.  Handing back is in ring order too, since
+``inuse`` is one counter; a device may still complete out of order (the
+queue contract, ``vbus.queue``): a buffer pushed ahead of one popped before
+it is held, its ``len`` already written, and published with the run it
+completes.  Indexes are read and written as single
 aligned native 32-bit accesses through ``memoryview.cast('I')``; x86 keeps
 stores in order, so descriptor stores before an index store are seen first.
 
@@ -46,7 +50,7 @@ from operator import add
 
 from vbus.errors import Fault, Invalid, TooBig
 from vbus.memory import BufferMemory, GuestMemory, RingMemory, SharedBuffer
-from vbus.queue import Buffer, QueueStats
+from vbus.queue import Buffer, QueueBase, QueueStats
 from vbus.signal import NORTH, SIGNAL_SIZE, SOUTH, ShmSignal, Transport
 
 __all__ = [
@@ -146,12 +150,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
-class IoqSouth:
-    """The south end of one ring: implements ``vbus.queue.Queue``.
+class IoqSouth(QueueBase):
+    """The south end of one ring: implements ``vbus.queue.Queue``, the core and
+    a fast override of every batch form.
 
     ``writable`` says which way data flows: False for a north->south queue (the
     south reads the buffers), True for south->north (the south fills them).
+    Each descriptor is one segment of that kind.  The data paths
+    (``read_span``, ``read_many``, ``write_many``) refuse to run while popped
+    buffers are not all handed back: they hand back in ring order.
     """
+
+    memory: RingMemory
 
     def __init__(
         self,
@@ -212,6 +222,8 @@ class IoqSouth:
         # After a restart the south resumes from inuse (DESIGN.md 7).
         self._inuse = self._idx[_INUSE]
         self._cursor = self._inuse
+        # Pushed out of order, waiting for the buffers popped before them.
+        self._held: set[int] = set()
         self.pending()
 
     # --- reading the north's progress ---------------------------------------
@@ -531,19 +543,56 @@ class IoqSouth:
         return bufs[0] if bufs else None
 
     def push_many(self, items: Sequence[tuple[Buffer, int]]) -> None:
+        if not items:
+            return
+        if self._held:
+            self._push_any_order(items)
+            return
         first = self._inuse
+        cursor = self._cursor
+        writable = self.writable
+        total = 0
         for i, (buf, written) in enumerate(items):
-            if buf.index != (first + i) & _M32 or buf.index == self._cursor:
-                raise Invalid(f"buffer {buf.index} handed back out of order")
-            if written or self.writable:
-                if not self.writable or not 0 <= written <= buf.length:
+            if buf.index != (first + i) & _M32 or buf.index == cursor:
+                self._push_any_order(items)  # out of order, or not popped
+                return
+            if written or writable:
+                if not writable or not 0 <= written <= buf.length:
                     raise Invalid(f"cannot report {written} bytes written into buffer {buf.index}")
                 # Also when 0: on a queue the south fills, len tells the north how
                 # much is there, and it still holds the buffer's capacity.
                 self._dq[(buf.index & self._mask) * 4 + _LEN] = written
+                total += written
+        self.stats.bytes += total
+        self._release(first, len(items))
+
+    def _push_any_order(self, items: Sequence[tuple[Buffer, int]]) -> None:
+        """push_many in any order: every item checked first, then each one's
+        ``len`` written and the run from ``inuse`` that is now complete
+        handed back; the rest is held until the buffers before it come."""
+        inuse = self._inuse
+        outstanding = (self._cursor - inuse) & _M32
+        held = self._held
+        seen: set[int] = set()
+        writable = self.writable
+        for buf, written in items:
+            index = buf.index
+            if (index - inuse) & _M32 >= outstanding or index in held or index in seen:
+                raise Invalid(f"buffer {index} was not popped, or was handed back already")
+            if (written and not writable) or not 0 <= written <= buf.length:
+                raise Invalid(f"cannot report {written} bytes written into buffer {index}")
+            seen.add(index)
+        for buf, written in items:
+            if writable:
+                self._dq[(buf.index & self._mask) * 4 + _LEN] = written
                 self.stats.bytes += written
-        if items:
-            self._release(first, len(items))
+        held |= seen
+        n = 0
+        while (inuse + n) & _M32 in held:
+            held.discard((inuse + n) & _M32)
+            n += 1
+        if n:
+            self._release(inuse, n)
 
     def push(self, buf: Buffer, written: int = 0) -> None:
         self.push_many(((buf, written),))

@@ -130,10 +130,17 @@ class Session:
 
     def rearm(self) -> bool:
         """Re-enable notifications on what this session waits for, fenced; True
-        if it can already make progress (poll again instead of sleeping)."""
+        if it can already make progress (poll again instead of sleeping).
+
+        Every queue is re-enabled, but only north->south queues count as work:
+        buffers waiting on a queue the south fills are room, not work (a north
+        keeps its receive buffers posted), and counting them would poll again
+        at every loop iteration.  A device that holds output until such room
+        appears overrides this (``echo`` does).
+        """
         pending = False
         for queue in self.queues.values():
-            if queue.enable_notify():
+            if queue.enable_notify() and not queue.writable:
                 pending = True
         return pending
 

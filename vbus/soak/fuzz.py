@@ -14,7 +14,8 @@ fuzzer, and raises AssertionError (or anything unexpected) on a finding:
 - ``ring``: a descriptor ring whose header, indexes and descriptors are
   patched from the input before and between operations, served by
   ``IoqSouth``: only Fault / Invalid escape, the memory never grows, the
-  south's view of pending work stays within the ring.
+  south's view of pending work stays within the ring.  Popped buffers are
+  handed back in any order (the queue contract allows it).
 
 ``python -m vbus.soak.fuzz [--seconds N] [--engine atheris|hypothesis] [TARGET...]``
 runs each target for N seconds: with atheris (libFuzzer, coverage-guided) when
@@ -230,9 +231,12 @@ def ring_target(data: bytes) -> None:
                     popped += south.pop_many(arg)
                     assert len(popped) <= R_COUNT
                 elif kind == 4 and popped:
-                    items = [(b, min(arg, b.length) if writable else 0) for b in popped]
+                    # Completion in any order: the later buffers from ``k`` on
+                    # first (held until the earlier ones come), the rest later.
+                    k = arg % len(popped)
+                    items = [(b, min(arg, b.length) if writable else 0) for b in popped[k:]]
                     south.push_many(items)
-                    popped.clear()
+                    del popped[k:]
                 elif kind == 5:
                     south.kick_north()
                 elif kind == 6:
