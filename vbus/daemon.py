@@ -34,6 +34,7 @@ from vbus.core.registry import Registry
 from vbus.core.resources import Ledger, ResourceLimits, format_size, parse_size
 from vbus.errors import VbusError
 from vbus.log import configure, errors_logged, get_logger
+from vbus.log import flush as flush_log
 from vbus.loopmon import LoopMonitor
 from vbus.paths import default_run_dir
 from vbus.procfs import ProcTasks
@@ -187,10 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(runner(serve(args)))
     except StartupError as exc:
-        print(f"vbusd: {exc}", file=sys.stderr)
+        flush_log(1.0)
+        _say(f"vbusd: {exc}")
         return 1
     except KeyboardInterrupt:
         return 0
+    finally:
+        flush_log(1.0)
+
+
+def _say(line: str) -> None:
+    """One line to stderr, if anyone still reads it."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{line}\n".encode(errors="replace"))
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -363,8 +373,8 @@ async def _prune_members(topology: Topology, store: StateStore, every: float = 2
 
 
 def _on_signal(stop: asyncio.Event, signum: int) -> None:
+    stop.set()  # first: nothing after this line may keep the daemon from stopping
     log.info("daemon.stopping", signal=signal.Signals(signum).name)
-    stop.set()
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
