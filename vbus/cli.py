@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vbus",
         description="Talk to vbusd as a client of your bus.  The socket comes from "
-        "--socket, else $VBUS_SOCKET, else the daemon's default run directory.",
+        "--socket, else $VBUS_SOCKET, else the run directory of a daemon of your own uid "
+        "($XDG_RUNTIME_DIR/vbus, /tmp/vbus-UID/vbus), else the system daemon's "
+        "/run/vbus/vbus.sock.",
     )
     parser.add_argument("--socket", type=Path, help="path of vbusd's socket")
     parser.add_argument("--version", action="version", version=f"vbus {__version__}")
