@@ -27,7 +27,7 @@ from vbus.client import connect
 from vbus.errors import Closed
 from vbus.soak.catalogue import CONNECTORS, Context, Misbehaviour, catalogue, run_instance, select
 from vbus.soak.good import GoodClient, check_message, make_message
-from vbus.soak.report import check_bounds, render, summarise_outcomes
+from vbus.soak.report import check_bounds, render, rss_limit_kib, summarise_outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -244,7 +244,7 @@ def test_soak_20s(tmp_path: Path) -> None:
     samples = result["daemon"]["samples"]
     assert samples["end"]["fds"] == samples["baseline"]["fds"]
     assert samples["final"]["fds"] == samples["start"]["fds"]
-    assert samples["end"]["rss_kib"] <= samples["baseline"]["rss_kib"] * 1.10
+    assert samples["end"]["rss_kib"] <= rss_limit_kib(samples["baseline"]["rss_kib"])
     assert samples["final"]["errors_logged"] == 0
     for name, summary in result["misbehaviours"].items():
         assert summary["instances"] >= 1 and summary["failed"] == 0, (name, summary)
@@ -253,7 +253,7 @@ def test_soak_20s(tmp_path: Path) -> None:
 
 
 def _passing_result() -> dict[str, Any]:
-    sample = {"fds": 22, "clients": 1, "connections": 0, "rss_kib": 1000, "errors_logged": 0}
+    sample = {"fds": 22, "clients": 1, "connections": 0, "rss_kib": 100_000, "errors_logged": 0}
     return {
         "good": {
             "ratio": {"msgs_per_s": 1.0},
@@ -273,13 +273,18 @@ def _passing_result() -> dict[str, Any]:
     }
 
 
+def test_rss_bound_is_ten_percent_or_the_allowance() -> None:
+    assert rss_limit_kib(100_000) == 110_000
+    assert rss_limit_kib(38_000) == 38_000 + 6 * 1024
+
+
 @pytest.mark.parametrize(
     "breakage",
     [
         lambda r: r["good"]["ratio"].update(msgs_per_s=0.79),
         lambda r: r["good"]["final"].update(lost=1),
         lambda r: r["good"]["final"].update(call_corrupted=1),
-        lambda r: r["daemon"]["samples"]["end"].update(rss_kib=1101),
+        lambda r: r["daemon"]["samples"]["end"].update(rss_kib=110_001),
         lambda r: r["daemon"]["samples"]["end"].update(fds=23),
         lambda r: r["daemon"]["samples"]["final"].update(connections=1),
         lambda r: r["daemon"]["samples"]["final"].update(errors_logged=1),

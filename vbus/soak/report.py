@@ -5,8 +5,13 @@ being a string.  Bounds (the exit status of ``vbus soak``):
 
 - good throughput while misbehaving >= ``MIN_RATIO`` x the baseline;
 - no good message lost or corrupted (ring messages and call()s);
-- daemon RSS at the end (bad clients gone) <= (1 + ``MAX_RSS_GROWTH``) x the
-  end of the baseline;
+- daemon RSS at the end (bad clients gone) at most ``MAX_RSS_GROWTH`` (10 %)
+  or ``RSS_ALLOWANCE_KIB`` (6 MiB), whichever is larger, above the end of the
+  baseline.  The allowance is the allocators' high-water mark after the
+  catalogue's biggest holders (hundreds of queues at once, 1 MiB spans):
+  +4.6, +4.3 and +4.5 MiB after 20, 60 and 150 s of ``--bad all`` on a
+  38 MiB daemon here, a plateau rather than a leak (about half of it is
+  glibc's dynamic mmap threshold keeping freed spans in the heap);
 - daemon fds back to the baseline's count at the end, and to the start's count
   once the good clients are gone too; the same for clients and connections;
 - no exception anywhere: none logged by the daemon, none in a good client;
@@ -21,15 +26,23 @@ from typing import Any
 __all__ = [
     "MAX_RSS_GROWTH",
     "MIN_RATIO",
+    "RSS_ALLOWANCE_KIB",
     "Bound",
     "check_bounds",
     "percentile",
     "render",
+    "rss_limit_kib",
     "summarise_outcomes",
 ]
 
 MIN_RATIO = 0.8
 MAX_RSS_GROWTH = 0.10
+RSS_ALLOWANCE_KIB = 6 * 1024
+
+
+def rss_limit_kib(baseline_kib: int) -> int:
+    """The most the daemon's RSS may be at the end, given the baseline's."""
+    return baseline_kib + max(int(baseline_kib * MAX_RSS_GROWTH), RSS_ALLOWANCE_KIB)
 
 
 @dataclass
@@ -145,8 +158,8 @@ def check_bounds(result: dict[str, Any], problems: list[str]) -> list[Bound]:
         Bound(
             "daemon RSS growth, end / end of baseline",
             "-" if growth is None else f"{growth * 100:+.1f} % ({base_rss:,} -> {end_rss:,} KiB)",
-            f"<= {MAX_RSS_GROWTH * 100:.0f} %",
-            growth is not None and growth <= MAX_RSS_GROWTH,
+            f"<= {MAX_RSS_GROWTH * 100:.0f} % or {RSS_ALLOWANCE_KIB // 1024} MiB",
+            growth is not None and end_rss <= rss_limit_kib(base_rss),
         )
     )
     for label, a, b in (
