@@ -8,12 +8,13 @@
         assert await dev.call(1, b"ping") == b"ping"
         tx = await dev.shm(0, "tx")          # north -> south ring
         rx = await dev.shm(1, "rx")          # south -> north ring
-        await tx.send_many([b"x" * 64] * 1000)
-        msgs = await rx.recv_many(1000)
+        reader = asyncio.create_task(rx.recv_many(256))   # echo needs room in rx
+        await tx.send_many([b"x" * 64] * 200)             # backpressure: waits for space
+        msgs = await reader                                # 1..256 messages
 
 The socket path comes from ``path``, else ``$VBUS_SOCKET``, else the caller's
-own daemon's run directory, then the system daemon's ``/run/vbus/vbus.sock``.  Errors arrive as the ``vbus.errors`` classes the daemon
-raised.  Queues live in a sealed memfd this library creates: a ring followed
+own daemon's run directory, then the system daemon's ``/run/vbus/vbus.sock``.
+Errors arrive as the ``vbus.errors`` classes the daemon raised.  Queues live in a sealed memfd this library creates: a ring followed
 by a pool of ``count`` buffers of ``buf_size`` bytes.
 """
 
