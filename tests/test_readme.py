@@ -179,7 +179,25 @@ def test_command_lists_name_real_things() -> None:
 # --- sessions --------------------------------------------------------------
 
 
-def run_session(steps: list[Step], daemon: Daemon, cwd: Path) -> list[tuple[Step, str]]:
+def tools(bin_dir: Path) -> Path:
+    """``.venv/bin`` as the README means it: ``vbus`` and ``python`` of this
+    tree (an installed entry point may belong to another checkout)."""
+    bin_dir.mkdir(exist_ok=True)
+    python = shlex.quote(sys.executable)
+    for name, command in (
+        ("vbus", f"{python} -m vbus.cli"),
+        ("vbusd", f"{python} -m vbus.daemon"),
+        ("python", python),
+    ):
+        wrapper = bin_dir / name
+        wrapper.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        wrapper.chmod(0o755)
+    return bin_dir
+
+
+def run_session(
+    steps: list[Step], daemon: Daemon, cwd: Path, bin_dir: Path
+) -> list[tuple[Step, str]]:
     """All steps in one bash, so that ``cd`` and ``$$`` mean what they say."""
     script = ["exec 2>&1", f"cd {shlex.quote(str(cwd))}"]
     ran: list[Step] = []
@@ -189,13 +207,13 @@ def run_session(steps: list[Step], daemon: Daemon, cwd: Path) -> list[tuple[Step
             check_command_line(command, f"README.md:{step.line}")
             continue
         command = command.replace("/run/vbus", str(daemon.run_dir))
-        command = command.replace(".venv/bin/", f"{VENV_BIN}/")
+        command = command.replace(".venv/bin/", f"{bin_dir}/")
         if step.other_user:
             command = f"setpriv --reuid=65534 --regid=65534 --clear-groups -- bash -c {shlex.quote(command)}"
         script += [command, f"echo {MARK} $?"]
         ran.append(step)
-    env = dict(os.environ, VBUS_SOCKET=str(daemon.socket), LC_ALL="C")
-    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    env = dict(os.environ, VBUS_SOCKET=str(daemon.socket), LC_ALL="C", PYTHONPATH=str(ROOT))
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
     env.pop("COLUMNS", None)
     out = subprocess.run(
         ["bash", "--noprofile", "--norc"],
@@ -211,8 +229,8 @@ def run_session(steps: list[Step], daemon: Daemon, cwd: Path) -> list[tuple[Step
 
 
 def check_session(block: Block, daemon: Daemon) -> None:
-    cwd = ROOT
-    for step, output in run_session(session_steps(block), daemon, cwd):
+    bin_dir = tools(daemon.run_dir.parent / "bin")
+    for step, output in run_session(session_steps(block), daemon, ROOT, bin_dir):
         assert matches(step.expected, output), (
             f"README.md:{step.line}: `{step.command}` printed\n{output}\ninstead of\n"
             + "\n".join(step.expected)
