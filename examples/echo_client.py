@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import struct
+import sys
 import time
 
 from vbus.client import connect
+from vbus.errors import VbusError
 
 HEADER = struct.Struct("<Q")
 
@@ -70,4 +72,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except VbusError as exc:  # no daemon, not on a bus, device gone: say so in one line
+        sys.exit(f"echo_client: {exc.message}")
+    except KeyboardInterrupt:
+        sys.exit(130)

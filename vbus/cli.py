@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from vbus import __version__
 from vbus.client import connect
-from vbus.errors import VbusError
+from vbus.errors import Denied, VbusError
+from vbus.paths import socket_candidates
 
 __all__ = ["main"]
 
@@ -19,12 +22,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vbus",
         description="Talk to vbusd as a client of your bus.  The socket comes from "
-        "--socket, else $VBUS_SOCKET, else the daemon's default run directory.",
+        "--socket, else $VBUS_SOCKET, else the run directory of a daemon of your own uid "
+        "($XDG_RUNTIME_DIR/vbus, /tmp/vbus-UID/vbus), else the system daemon's "
+        "/run/vbus/vbus.sock.",
     )
     parser.add_argument("--socket", type=Path, help="path of vbusd's socket")
     parser.add_argument("--version", action="version", version=f"vbus {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("devices", help="list the devices on your bus")
+    devices = sub.add_parser("devices", help="list the devices on your bus")
+    devices.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    status = sub.add_parser(
+        "status",
+        help="the daemon's health (loop lag, clients, memory, fds, errors logged)",
+        description="The figures of the admin tree's status file, asked over the socket: "
+        "for the daemon's own uid or root.",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     call = sub.add_parser("call", help="call() a device function and print the reply")
     call.add_argument("device", help="device name or numeric id")
     call.add_argument("func", type=int, help="function number")
@@ -157,10 +170,57 @@ def _bench(args: argparse.Namespace) -> int:
 async def _devices(args: argparse.Namespace) -> int:
     async with connect(args.socket) as bus:
         devices = await bus.devices()
+        if args.json:
+            listing = [{"id": d.id, "name": d.name, "class": d.deviceclass} for d in devices]
+            print(json.dumps({"bus": bus.name, "devices": listing}))
+            return 0
         print(f"bus {bus.name}: {len(devices)} device(s)")
         for dev in devices:
             print(f"{dev.id:>6}  {dev.name:<24} {dev.deviceclass}")
     return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    try:
+        async with connect(args.socket) as bus:
+            figures = await bus.status()
+    except Denied as exc:
+        # Not on any bus (the host administrator often is not): the admin
+        # tree's status file says the same to whoever may read it.
+        figures = _status_file(args.socket, exc)
+    if args.json:
+        print(json.dumps({key: _number(value) for key, value in figures.items()}))
+        return 0
+    width = max((len(key) for key in figures), default=0)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _status_file(explicit: Path | None, refusal: VbusError) -> dict[str, str]:
+    for sock in [explicit] if explicit is not None else socket_candidates():
+        try:
+            text = (sock.parent / "admin" / "status").read_text()
+            break
+        except OSError:
+            continue
+    else:
+        raise refusal
+    pairs = (line.split(" ", 1) for line in text.splitlines() if " " in line)
+    return {key: value for key, value in pairs}
+
+
+def _number(text: str) -> int | float | str:
+    """A figure as JSON would have it: numbers as numbers, the rest as text."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) else text
 
 
 async def _call(args: argparse.Namespace) -> int:
@@ -182,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         return _soak(args)
     if args.command == "bench":
         return _bench(args)
-    handler = {"devices": _devices, "call": _call}[args.command]
+    handler = {"devices": _devices, "status": _status, "call": _call}[args.command]
     try:
         return asyncio.run(handler(args))
     except VbusError as exc:
         print(f"vbus: {exc.message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@
         assert await dev.call(1, b"ping") == b"ping"
         tx = await dev.shm(0, "tx")          # north -> south ring
         rx = await dev.shm(1, "rx")          # south -> north ring
-        await tx.send_many([b"x" * 64] * 1000)
-        msgs = await rx.recv_many(1000)
+        reader = asyncio.create_task(rx.recv_many(256))   # echo needs room in rx
+        await tx.send_many([b"x" * 64] * 200)             # backpressure: waits for space
+        msgs = await reader                                # 1..256 messages
 
-The socket path comes from ``path``, else ``$VBUS_SOCKET``, else the daemon's
-default run directory.  Errors arrive as the ``vbus.errors`` classes the daemon
-raised.  Queues live in a sealed memfd this library creates: a ring followed
+The socket path comes from ``path``, else ``$VBUS_SOCKET``, else the caller's
+own daemon's run directory, then the system daemon's ``/run/vbus/vbus.sock``.
+Errors arrive as the ``vbus.errors`` classes the daemon raised.  Queues live in a sealed memfd this library creates: a ring followed
 by a pool of ``count`` buffers of ``buf_size`` bytes.
 """
 
@@ -30,11 +31,11 @@ from pathlib import Path
 from typing import Literal
 
 from vbus import protocol
-from vbus.errors import Closed, Fault, Invalid, NotFound, VbusError
+from vbus.errors import Closed, Fault, Invalid, NotFound, VbusError, from_errno
 from vbus.ioq import IoqNorth, pool_layout
 from vbus.memory import create_memfd
 from vbus.mitigation import wait_for_work
-from vbus.paths import default_socket_path
+from vbus.paths import default_socket_path, socket_candidates
 from vbus.signal import EventfdTransport
 
 __all__ = ["Bus", "ClientQueue", "Device", "connect", "default_socket_path"]
@@ -62,7 +63,7 @@ class Bus:
         self.events: asyncio.Queue[protocol.Event] = asyncio.Queue(MAX_EVENTS)
         self.name = ""
         self.client_id = 0
-        loop.add_reader(sock.fileno(), self._on_readable)
+        loop.add_reader(sock.fileno(), self._read_frame)
 
     # --- plumbing ---------------------------------------------------------
     async def _call(self, handle: int, func: int, data: bytes) -> bytes:
@@ -80,11 +81,10 @@ class Bus:
             except BlockingIOError:
                 await self._send(frame, ())
             except OSError as exc:
-                self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
-                raise self._closed from None  # type: ignore[misc]
+                raise self._send_failed(exc) from None
             reply = await future
         finally:
-            self._pending.pop(seq, None)
+            _forget(self._pending.pop(seq, None))
         if type(reply) is bytes:
             return reply
         if isinstance(reply, protocol.Error):
@@ -103,7 +103,7 @@ class Bus:
             await self._send(frame, fds)
             reply = await future
         finally:
-            self._pending.pop(seq, None)
+            _forget(self._pending.pop(seq, None))
         if isinstance(reply, protocol.Error):
             raise reply.exception()
         if type(reply) is bytes:
@@ -124,33 +124,65 @@ class Bus:
                 finally:
                     self._loop.remove_writer(self._sock.fileno())
             except OSError as exc:
-                self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
-                raise self._closed from None  # type: ignore[misc]
+                raise self._send_failed(exc) from None
 
-    def _on_readable(self) -> None:
-        # One frame per wake-up: a reply is usually alone, and reading on until
-        # EAGAIN would cost a failed syscall and an exception per call().  The
-        # loop calls again while more is queued.
+    def _send_failed(self, exc: OSError) -> VbusError:
+        self._hang_up(exc)
+        assert self._closed is not None
+        return self._closed
+
+    def _hang_up(self, exc: OSError) -> None:
+        """The daemon hung up (EPIPE, ECONNRESET).  What it said before, say a
+        refusal and why, may still wait unread behind the error: that is the
+        reason to give, not the broken pipe."""
+        for _ in range(64):
+            if self._closed is not None:
+                return
+            try:
+                data = self._sock.recv(protocol.MAX_FRAME)
+            except OSError:
+                break
+            if not data:
+                break
+            result = protocol.split_result(data)
+            if result is None:
+                self._on_message(data)
+            else:
+                future = self._pending.get(result[0])
+                if future is not None and not future.done():
+                    future.set_result(result[1])
+        self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
+
+    def _read_frame(self) -> bool:
+        """Handle one frame; False when there was none to read.
+
+        The reader callback: one frame per wake-up, since a reply is usually
+        alone, and reading on until EAGAIN would cost a failed syscall and an
+        exception per call().  The loop calls again while more is queued."""
         if self._closed is not None:
-            return
+            return False
         try:
             # The daemon never sends descriptors, so plain recv: were any sent,
             # the kernel would drop (close) them rather than hand them to us.
             data = self._sock.recv(protocol.MAX_FRAME)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
-            self._lost(Closed(f"connection to vbusd lost: {exc.strerror}"))
-            return
+            self._hang_up(exc)
+            return False
         if not data:
             self._lost(Closed("vbusd closed the connection"))
-            return
+            return False
         result = protocol.split_result(data)
         if result is not None:  # the call() hot path
             future = self._pending.get(result[0])
             if future is not None and not future.done():
                 future.set_result(result[1])
-            return
+        else:
+            self._on_message(data)
+        return True
+
+    def _on_message(self, data: bytes) -> None:
         try:
             seq, msg = protocol.decode_reply(data, 0)
         except VbusError as exc:
@@ -158,6 +190,11 @@ class Bus:
             return
         if isinstance(msg, protocol.Event):
             self._on_event(msg)
+            return
+        if seq == 0 and isinstance(msg, protocol.Error):
+            # No request has sequence 0: this is why the daemon is hanging up
+            # (a connection cap, a descriptor bound), sent before it closes.
+            self._lost(from_errno(msg.errno, f"vbusd refused the connection: {msg.message}"))
             return
         pending = self._pending.get(seq)
         if pending is not None and not pending.done():
@@ -431,6 +468,13 @@ def _current_task_cancelling() -> bool:
     return bool(task is not None and task.cancelling())
 
 
+def _forget(future: asyncio.Future[protocol.Message | bytes] | None) -> None:
+    """A reply future nobody awaits any more: its exception (the connection was
+    lost while sending) is already raised to the caller another way."""
+    if future is not None and future.done() and not future.cancelled():
+        future.exception()
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -438,19 +482,39 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 @contextlib.asynccontextmanager
 async def connect(path: str | os.PathLike[str] | None = None, name: str = "") -> AsyncIterator[Bus]:
-    """Connect to vbusd and say HELLO; yields the caller's ``Bus``."""
-    target = Path(path) if path is not None else default_socket_path()
+    """Connect to vbusd and say HELLO; yields the caller's ``Bus``.
+
+    Without ``path``: ``$VBUS_SOCKET`` if set, else the socket of a daemon of
+    the caller's uid, then the system daemon's (``vbus.paths.socket_candidates``)."""
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
-    try:
-        await loop.sock_connect(sock, str(target))
-    except OSError as exc:
-        sock.close()
-        raise Closed(f"cannot connect to vbusd at {target}: {exc.strerror}") from None
+    sock = await _connect_socket(loop, path)
     bus = Bus(sock, loop)
     try:
         await bus.hello(name or f"pid-{os.getpid()}")
         yield bus
     finally:
         await bus.close()
+
+
+async def _connect_socket(
+    loop: asyncio.AbstractEventLoop, path: str | os.PathLike[str] | None
+) -> socket.socket:
+    candidates = [Path(path)] if path is not None else socket_candidates()
+    tried: list[str] = []
+    for target in candidates:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, str(target))
+            return sock
+        except OSError as exc:
+            sock.close()
+            tried.append(f"{target} ({exc.strerror})")
+            reason = exc.strerror
+    if path is not None:
+        raise Closed(f"cannot connect to vbusd at {path}: {reason}")
+    origin = " from VBUS_SOCKET" if os.environ.get("VBUS_SOCKET") else ""
+    raise Closed(
+        f"no vbusd found: tried{origin} {', '.join(tried)}; start vbusd, or choose its "
+        "socket with --socket PATH or VBUS_SOCKET=PATH"
+    )

@@ -34,8 +34,9 @@ from vbus.core.registry import Registry
 from vbus.core.resources import Ledger, ResourceLimits, format_size, parse_size
 from vbus.errors import VbusError
 from vbus.log import configure, errors_logged, get_logger
+from vbus.log import flush as flush_log
 from vbus.loopmon import LoopMonitor
-from vbus.paths import default_run_dir
+from vbus.paths import default_run_dir, prepare_run_dir
 from vbus.procfs import ProcTasks
 
 __all__ = ["main"]
@@ -187,10 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(runner(serve(args)))
     except StartupError as exc:
-        print(f"vbusd: {exc}", file=sys.stderr)
+        flush_log(1.0)
+        _say(f"vbusd: {exc}")
         return 1
     except KeyboardInterrupt:
         return 0
+    finally:
+        flush_log(1.0)
+
+
+def _say(line: str) -> None:
+    """One line to stderr, if anyone still reads it."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{line}\n".encode(errors="replace"))
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -202,7 +212,7 @@ async def serve(args: argparse.Namespace) -> int:
     tasks = ProcTasks()
     topology = Topology(registry, tasks, os.getuid(), boot_id=tasks.boot_id())
     run_dir: Path = args.run_dir or default_run_dir()
-    lock = _take_run_dir(run_dir)
+    lock = _take_run_dir(run_dir, explicit=args.run_dir is not None)
     store = StateStore(args.state or default_state_path(), topology.snapshot)
     state_lock = _lock_state(store.path)
     source = _restore(topology, store, args.config)
@@ -363,8 +373,8 @@ async def _prune_members(topology: Topology, store: StateStore, every: float = 2
 
 
 def _on_signal(stop: asyncio.Event, signum: int) -> None:
+    stop.set()  # first: nothing after this line may keep the daemon from stopping
     log.info("daemon.stopping", signal=signal.Signals(signum).name)
-    stop.set()
 
 
 def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -376,10 +386,14 @@ def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
     )
 
 
-def _take_run_dir(run_dir: Path) -> Any:
-    """Create the run directory and hold its lock for the daemon's lifetime."""
+def _take_run_dir(run_dir: Path, explicit: bool) -> Any:
+    """Create the run directory (private to this uid) and hold its lock for the
+    daemon's lifetime."""
     try:
-        run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        prepare_run_dir(run_dir, explicit=explicit)
+    except VbusError as exc:
+        raise StartupError(exc.message) from None
+    try:
         lock = open(run_dir / "vbusd.lock", "a+")  # noqa: SIM115 - held until exit
     except OSError as exc:
         raise StartupError(f"cannot use run directory {run_dir}: {exc.strerror}") from None
