@@ -1,6 +1,6 @@
 """Store-buffer litmus test of ``vbus.signal.fence`` across two processes.
 
-The shm_signal handshake (DESIGN.md 3.2) is two copies of the store-buffer
+The shm_signal handshake (docs/design.md 3.2) is two copies of the store-buffer
 pattern: each side stores its own flag or index, then loads the other's::
 
     process A: X = 1; [fence]; r1 = Y        process B: Y = 1; [fence]; r2 = X

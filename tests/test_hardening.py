@@ -1,4 +1,4 @@
-"""Hostile clients of an admitted uid against a real vbusd (DESIGN.md section 6).
+"""Hostile clients of an admitted uid against a real vbusd (docs/design.md section 6).
 
 Each test runs one bad client of the soak's catalogue in a process of its own
 (``python -m vbus.soak.worker bad --bad NAME --once``, as root or as uid

@@ -88,7 +88,7 @@ class Ring:
         self.north = IoqNorth(self.buf, offset, count, data, buf_size, self.kick)
         self.hdr = memoryview(self.buf)[offset : offset + HEADER_SIZE].cast("I")
         if start:
-            # Both ends resume from the same indexes (DESIGN.md 7): near 2**32
+            # Both ends resume from the same indexes (docs/design.md 7): near 2**32
             # the free-running counters wrap during the test.
             self.hdr[VALID_AT // 4] = self.hdr[INUSE_AT // 4] = start
             self.north.valid = self.north.reaped = start

@@ -1,6 +1,6 @@
 """vbus.soak: every misbehaviour of the catalogue against a real daemon, next to a good client.
 
-For each bad client: the daemon reacts as DESIGN.md section 6 promises (the
+For each bad client: the daemon reacts as docs/design.md section 6 promises (the
 right fault / error / disconnect and reason), a good client streaming on the
 same device meanwhile loses and corrupts nothing and keeps moving, and the
 daemon's descriptors come back to what they were.  Then ``vbus soak`` itself,

@@ -1,4 +1,4 @@
-"""ioq (DESIGN.md 3.3): vbus's descriptor ring in shared memory, both ends.
+"""ioq (docs/design.md 3.3): vbus's descriptor ring in shared memory, both ends.
 
 Layout, little-endian, at a 64-byte aligned offset in the north's memory::
 
@@ -24,7 +24,7 @@ out once and validates the copy (ownership, ``ptr``/``len`` against its
 ``Memory``, index distance), so a north that rewrites shared memory under it
 can only hurt itself.  Any violation is a ``Fault`` of that north context.
 Validation is done per batch with slice comparisons that run in C
-(DESIGN.md 3.7); a per-descriptor pass only runs to name the culprit.
+(docs/design.md 3.7); a per-descriptor pass only runs to name the culprit.
 
 The south works over any ``RingMemory``.  The ring itself (header and
 descriptors) must lie inside one region of it, writable, since the south
@@ -219,7 +219,7 @@ class IoqSouth(QueueBase):
         self._mask = count - 1
         self._idx = memory.cast(offset, HEADER_SIZE, "I")
         self._dq = memory.cast(offset + HEADER_SIZE, DESC_SIZE * count, "Q")
-        # After a restart the south resumes from inuse (DESIGN.md 7).
+        # After a restart the south resumes from inuse (docs/design.md 7).
         self._inuse = self._idx[_INUSE]
         self._cursor = self._inuse
         # Pushed out of order, waiting for the buffers popped before them.

@@ -1,7 +1,7 @@
 """Memory a north context shares with the south, behind one bounds-checked interface.
 
 A device model sees ``Memory`` only: ``read``/``write``/``view`` at an address,
-whatever backs it.  Userspace regions are sealed memfds (DESIGN.md 3.1): an
+whatever backs it.  Userspace regions are sealed memfds (docs/design.md 3.1): an
 unsealed file could be truncated under our mapping and kill the daemon with
 SIGBUS, so it is refused at registration, as is anything that is not a memfd.
 Every address the north hands us is checked here; a bad one is a ``Fault`` of

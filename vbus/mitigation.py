@@ -1,4 +1,4 @@
-"""NAPI-style signal mitigation (DESIGN.md 3.4), south and north.
+"""NAPI-style signal mitigation (docs/design.md 3.4), south and north.
 
 South: a ``NapiPoller`` owns the wake-ups of one pollable (a device session
 with its queues).  On a signal it disables notifications, drains up to a

@@ -1,4 +1,4 @@
-"""shm_signal (DESIGN.md 3.2): the unit of notification and of mitigation.
+"""shm_signal (docs/design.md 3.2): the unit of notification and of mitigation.
 
 Layout, 16 bytes little-endian, inside the ring header::
 

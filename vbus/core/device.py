@@ -3,7 +3,7 @@
 A deviceclass is a ``DeviceModel`` subclass registered under the entry-point
 group ``vbus.deviceclasses``.  The core instantiates it once per device; each
 north connection that opens the device gets a ``Session`` from ``open()``.
-A session sees ``Queue`` objects (DESIGN.md 3.5) and nothing of connectors.
+A session sees ``Queue`` objects (docs/design.md 3.5) and nothing of connectors.
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class HandRing:
-    """A ring (DESIGN.md 3.3) at offset 0 of a sealed memfd, followed by a pool
+    """A ring (docs/design.md 3.3) at offset 0 of a sealed memfd, followed by a pool
     of ``count`` buffers, plus kick (north->south) and call (south->north)
     eventfds.  ``north`` drives it the honest way; the other methods do not."""
 
@@ -237,7 +237,7 @@ class HandRing:
         return int.from_bytes(self.map[_VALID_AT : _VALID_AT + 4], "little")
 
     def publish_index(self, value: int) -> None:
-        """Store the north index (aligned 4-byte store, as DESIGN.md 3.3 requires)."""
+        """Store the north index (aligned 4-byte store, as docs/design.md 3.3 requires)."""
         view = memoryview(self.map)[_VALID_AT : _VALID_AT + 4].cast("I")
         view[0] = value & 0xFFFFFFFF
         view.release()

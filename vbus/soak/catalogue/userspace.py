@@ -4,7 +4,7 @@ Each class is one bad client, done once by ``run``.  They speak the wire and
 build their rings by hand (``vbus.soak.wire``), are light on the CPU (bounded
 bursts, sleeps between them) so that in a soak they test the daemon and not
 the machine, and clean up after themselves whatever happens.  What the daemon
-must do about each one is DESIGN.md section 6.
+must do about each one is docs/design.md section 6.
 """
 
 from __future__ import annotations
@@ -988,7 +988,7 @@ class Namespace(UserspaceMisbehaviour):
 # An eventfd passed with SCM_RIGHTS shares its file description with the
 # daemon: the client can clear O_NONBLOCK on it, fill its counter, or hand
 # over an EFD_SEMAPHORE or O_PATH one.  The south must never block or spin on
-# one (DESIGN.md section 6).
+# one (docs/design.md section 6).
 
 _EFD_MAX = 2**64 - 2  # an eventfd counter cannot go higher: the next write of 1 waits
 
