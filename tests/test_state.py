@@ -96,3 +96,17 @@ def test_fsync_failure_surfaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.undo()
     assert store.load() == {"a": 1}
     assert sorted(p.name for p in store.path.parent.iterdir()) == ["state.json"]
+
+
+def test_keep_previous_copies_whatever_the_file_holds(tmp_path: Path) -> None:
+    store = store_of(tmp_path)
+    assert store.keep_previous() is None  # nothing to keep on a first start
+    assert not store.previous_path.exists()
+    store.path.parent.mkdir()
+    store.path.write_bytes(b"{damaged")
+    assert store.keep_previous() == store.previous_path == store.path.with_name("state.json.old")
+    assert store.previous_path.read_bytes() == b"{damaged"
+    assert store.path.read_bytes() == b"{damaged"  # a copy: the reset's save replaces the file
+    store.save_sync({"a": 1})
+    assert store.load() == {"a": 1}
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["state.json", "state.json.old"]

@@ -71,31 +71,27 @@ class StateStore:
 
     def save_sync(self, snapshot: dict[str, Any]) -> None:
         """Write atomically and durably: temp file, fsync, rename, fsync the directory."""
-        directory = self.path.parent
-        directory.mkdir(parents=True, exist_ok=True)
         data = json.dumps(
             {"version": FORMAT_VERSION, "topology": snapshot}, indent=1, sort_keys=True
         ).encode()
-        tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        _write_durably(self.path, data)
         self.saves += 1
+
+    @property
+    def previous_path(self) -> Path:
+        """Where ``keep_previous`` puts the file a reset replaces."""
+        return self.path.with_name(f"{self.path.name}.old")
+
+    def keep_previous(self) -> Path | None:
+        """Before the state is reset: copy the file, whatever it holds (it may
+        not even parse), to ``previous_path``.  Returns that path, or None when
+        there is no file."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        _write_durably(self.previous_path, data)
+        return self.previous_path
 
     async def commit(self) -> None:
         """Persist the current state; returns once it is durable.
@@ -104,3 +100,29 @@ class StateStore:
         save to finish holds every change acknowledged before it."""
         async with self._lock:
             await asyncio.to_thread(self.save_sync, self.snapshot())
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename over ``path``, fsync the
+    directory: on disk there is always the old file or the new one, whole."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)

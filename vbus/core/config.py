@@ -192,7 +192,11 @@ def _place(source: str, lines: dict[tuple[str, ...], int], where: tuple[str, ...
         if line is not None:
             break
     at = f"{source}:{line}" if line is not None else source
-    return f"{at}: {'.'.join(where)}: {why}" if where else f"{at}: {why}"
+    if not where:
+        return f"{at}: {why}"
+    # An attribute's own message starts with its name, which the key already says.
+    why = why.removeprefix(f"{where[-1]}: ")
+    return f"{at}: {'.'.join(where)}: {why}"
 
 
 _KEY_PART = re.compile(r"""\s*("(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)\s*""")
