@@ -36,6 +36,7 @@ README = ROOT / "README.md"
 VENV_BIN = Path(sys.executable).parent
 NOT_RUN = ("make ", "sudo ", "systemctl ", "journalctl ")
 MARK = "@@vbus-readme-status@@"
+COMMANDS = ("make ", ".venv/bin/", "vbus ", "sudo ", "systemctl ", "journalctl ")
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +58,7 @@ class Block:
         return (
             self.lang == ""
             and bool(lines)
-            and all(ln.startswith(("make ", ".venv/bin/", "vbus ")) for ln in lines)
+            and all(ln.startswith(COMMANDS) for ln in lines)
         )
 
 
