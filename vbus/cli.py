@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vbus import __version__
+from vbus import tap as tap_command
 from vbus.client import connect
 from vbus.errors import VbusError
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("data", nargs="?", default="", help="request data (UTF-8 text)")
     _add_soak(sub)
     _add_bench(sub)
+    tap_command.add_parser(sub)
     return parser
 
 
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return _soak(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "tap":
+        return tap_command.main(args)
     handler = {"devices": _devices, "call": _call}[args.command]
     try:
         return asyncio.run(handler(args))

@@ -7,17 +7,10 @@ Behind the device is a backend: a learning switch shared with the other
 venets of the same name on the same bus (``switch:NAME``), or a host tap the
 daemon opens (``tap:IFNAME``).
 
-call() functions (integers little-endian):
-
-- ``CALL_FEATURES`` (1): the offered virtio-net features, u64.
-- ``CALL_NEGOTIATE`` (2, u64 features): accept them (while the link is
-  down); answers u64 features and u32, the rx buffer size every posted
-  buffer must have (there is no MRG_RXBUF: one frame, one buffer).
-- ``CALL_CONFIG`` (3): mac[6], u16 mtu, u8 link, u8 0, u64 negotiated features.
-- ``CALL_MAC`` (4): the MAC address, 6 bytes.
-- ``CALL_LINK_UP`` (5), ``CALL_LINK_DOWN`` (6): attach to / leave the
-  backend; answer u8 link.
-- ``CALL_STATS`` (7): the counters, ``name value`` lines.
+call() functions are listed in ``vbus.net.calls``: the offered features,
+negotiation (while the link is down; the answer says the rx buffer size
+every posted buffer must have: there is no MRG_RXBUF, one frame is one
+buffer), the configuration, the MAC address, link up and down, the counters.
 
 Any number of connections may open a venet and ask; one drives it: the first
 to negotiate, register a queue or bring the link up, until it closes.  The
@@ -39,7 +32,6 @@ import errno
 import os
 import re
 import secrets
-import struct
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -49,6 +41,21 @@ from vbus.core.device import Attribute, DeviceModel, Session
 from vbus.errors import Busy, Invalid, NotPermitted, NotSupported, VbusError
 from vbus.log import get_logger
 from vbus.net import tap as taplib
+from vbus.net.calls import (
+    CALL_CONFIG,
+    CALL_FEATURES,
+    CALL_LINK_DOWN,
+    CALL_LINK_UP,
+    CALL_MAC,
+    CALL_NEGOTIATE,
+    CALL_STATS,
+    CONFIG,
+    NEGOTIATED,
+    QUEUE_RX,
+    QUEUE_TX,
+    TAP_MAX_MTU,
+    U64,
+)
 from vbus.net.switch import Switch, Switches
 from vbus.net.vnet import (
     CAUSES,
@@ -74,18 +81,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKLOG_BYTES",
     "BACKLOG_FRAMES",
-    "CALL_CONFIG",
-    "CALL_FEATURES",
-    "CALL_LINK_DOWN",
-    "CALL_LINK_UP",
-    "CALL_MAC",
-    "CALL_NEGOTIATE",
-    "CALL_STATS",
-    "CONFIG",
     "COUNTERS",
-    "NEGOTIATED",
-    "QUEUE_RX",
-    "QUEUE_TX",
     "SWITCHES",
     "Backend",
     "Venet",
@@ -94,25 +90,10 @@ __all__ = [
 
 log = get_logger("vbus.venet")
 
-CALL_FEATURES: Final = 1
-CALL_NEGOTIATE: Final = 2
-CALL_CONFIG: Final = 3
-CALL_MAC: Final = 4
-CALL_LINK_UP: Final = 5
-CALL_LINK_DOWN: Final = 6
-CALL_STATS: Final = 7
-QUEUE_TX: Final = 0  # north -> south
-QUEUE_RX: Final = 1  # south -> north
-
-CONFIG: Final = struct.Struct("<6sHBxQ")  # mac, mtu, link, -, negotiated features
-NEGOTIATED: Final = struct.Struct("<QI")  # features, rx buffer size
-_U64: Final = struct.Struct("<Q")
-
 BACKLOG_FRAMES: Final = 256  # per port, waiting for rx buffers
 BACKLOG_BYTES: Final = 4 << 20
 TAP_BATCH: Final = 64  # frames read from a tap per loop wake-up
 TAP_READ: Final = HDR_SIZE + MAX_GSO_FRAME + VLAN_HLEN  # the longest frame a tap hands over
-TAP_MAX_MTU: Final = 65521  # what the tun driver accepts
 
 # Every key is always there (0 until it counts): one stats file shape.
 COUNTERS: Final = (
@@ -199,7 +180,7 @@ class VenetSession(Session):
     def call(self, func: int, data: bytes) -> bytes:
         model = self.model
         if func == CALL_FEATURES:
-            return _U64.pack(OFFERED)
+            return U64.pack(OFFERED)
         if func == CALL_NEGOTIATE:
             self._claim()
             if self.up:
@@ -207,7 +188,7 @@ class VenetSession(Session):
             if len(data) != 8:
                 raise Invalid("venet: negotiate takes a u64 feature mask")
             try:
-                features = negotiate(_U64.unpack(data)[0])
+                features = negotiate(U64.unpack(data)[0])
             except ValueError as exc:
                 raise Invalid(f"venet: {exc}") from None
             self.features = features

@@ -70,6 +70,8 @@ TUN_F_TSO6: Final = 0x04
 SIOCGIFFLAGS: Final = 0x8913
 SIOCSIFFLAGS: Final = 0x8914
 SIOCSIFMTU: Final = 0x8922
+SIOCSIFHWADDR: Final = 0x8924
+ARPHRD_ETHER: Final = 1
 IFF_UP: Final = 0x1
 CLONE_NEWNET: Final = 0x40000000
 IFNAMSIZ: Final = 16
@@ -143,10 +145,14 @@ def set_carrier(fd: int, on: bool) -> None:
     fcntl.ioctl(fd, TUNSETCARRIER, struct.pack("i", int(on)))
 
 
-def set_link(name: str, *, mtu: int | None = None, up: bool | None = None) -> None:
-    """Set the MTU and/or the administrative state of interface ``name`` in
-    the calling thread's network namespace."""
+def set_link(
+    name: str, *, mtu: int | None = None, mac: bytes | None = None, up: bool | None = None
+) -> None:
+    """Set the MTU, the MAC address and/or the administrative state of
+    interface ``name`` in the calling thread's network namespace."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        if mac is not None:
+            fcntl.ioctl(sock, SIOCSIFHWADDR, _ifreq(name, struct.pack("H6s", ARPHRD_ETHER, mac)))
         if mtu is not None:
             fcntl.ioctl(sock, SIOCSIFMTU, _ifreq(name, struct.pack("i", mtu)))
         if up is not None:
