@@ -584,17 +584,21 @@ class TapBackend:
         """North -> host: one write per frame, never blocking; a full tap
         queue is a counted drop."""
         fd = self.fd
-        full = failed = 0
+        full = down = failed = 0
         for frame in frames:
             try:
                 os.write(fd, frame)
             except BlockingIOError:
                 full += 1
-            except OSError:
-                failed += 1  # the kernel refused it (EINVAL), or the interface is gone
-        if full or failed:
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    down += 1  # the host's side of the tap is down
+                else:
+                    failed += 1  # the kernel refused the frame (EINVAL)
+        if full or down or failed:
             counters = self.model.counters
             counters["tx_drop_ring_full"] += full
+            counters["tx_drop_link_down"] += down
             counters["tx_drop_backend_error"] += failed
 
     def close(self) -> None:
