@@ -74,9 +74,8 @@ def partial_pseudo(ip: bytes, v6: bool) -> int:
 def gso_frame(payload: bytes, mss: int, *, v6: bool = False, flags: int = 0x19) -> bytes:
     """A TCP super-frame as a Linux tap with TSO hands it over: NEEDS_CSUM,
     the pseudo-header sum in the checksum field, gso_size = mss."""
-    ip = ipv6_tcp(payload, flags=flags) if v6 else ipv4_tcp(payload, flags=flags)
+    ip = bytearray(ipv6_tcp(payload, flags=flags) if v6 else ipv4_tcp(payload, flags=flags))
     l3 = 40 if v6 else 20
-    ip = bytearray(ip)
     ip[l3 + 16 : l3 + 18] = struct.pack(">H", partial_pseudo(bytes(ip), v6))
     vhdr = header(
         HDR_NEEDS_CSUM,
