@@ -400,7 +400,7 @@ class VenetSession(Session):
         written = nbytes = gso = small = longest = 0
         for buf, frame in zip(bufs, frames, strict=False):
             size = len(frame)
-            if buf.length < size:
+            if _room(buf) < size:
                 items.append((buf, 0))
                 small += 1
                 continue
@@ -462,8 +462,17 @@ class VenetSession(Session):
         super().close()
 
 
+def _room(buf: Buffer) -> int:
+    """Bytes the device may write into ``buf``: its writable segments."""
+    segments = buf.segments
+    if len(segments) == 1:
+        addr_len_writable = segments[0]
+        return addr_len_writable[1] if addr_len_writable[2] else 0
+    return sum(length for _addr, length, writable in segments if writable)
+
+
 def _write_frame(memory: Memory, buf: Buffer, frame: bytes) -> None:
-    """``frame`` into ``buf``'s segments, its num_buffers set to 1."""
+    """``frame`` into ``buf``'s writable segments in order, num_buffers set to 1."""
     segments = buf.segments
     if len(segments) == 1:
         addr = segments[0][0]
@@ -472,7 +481,9 @@ def _write_frame(memory: Memory, buf: Buffer, frame: bytes) -> None:
         return
     data = memoryview(frame[:10] + NUM_BUFFERS_1 + frame[12:])
     at = 0
-    for addr, length, _writable in segments:
+    for addr, length, writable in segments:
+        if not writable:
+            continue
         piece = data[at : at + length]
         if piece:
             memory.write(addr, piece)
