@@ -378,20 +378,3 @@ async def test_a_broken_rx_ring_faults_its_own_connection_only(lab: tuple[Topolo
     assert b.dev.error is not None and "outside" in str(b.dev.error)
     await a.tx.send(frame(BROADCAST, MAC_A))
     assert len(await c.recv(1)) == 1
-
-
-def test_a_frame_spreads_over_the_writable_segments_of_a_chain() -> None:
-    from vbus.devices.venet import _room, _write_frame
-    from vbus.memory import BufferMemory
-    from vbus.queue import Buffer
-
-    memory = BufferMemory(bytearray(256))
-    # A chain as virtio may post it: a readable piece first, then room in two pieces.
-    chain = Buffer(0, 0, ((0, 16, False), (32, 20, True), (100, 60, True)))
-    assert _room(chain) == 80
-    data = frame(BROADCAST, MAC_A, b"z" * 50)  # 12 + 14 + 50 = 76 bytes
-    _write_frame(memory, chain, data)
-    written = bytes(memory.buf[32:52]) + bytes(memory.buf[100:156])
-    assert written == data[:10] + b"\x01\x00" + data[12:]
-    assert bytes(memory.buf[:16]) == bytes(16)  # the readable segment is left alone
-    assert _room(Buffer(1, 0, ((0, 64, False),))) == 0

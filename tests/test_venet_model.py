@@ -1,4 +1,4 @@
-"""venet attributes: validation, the random MAC and what is persisted."""
+"""venet without a connector: attributes, the random MAC and what is persisted, filling rx buffers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests.netframes import BROADCAST, MAC_A, frame
 from tests.test_venet_device import make_topology
 from vbus.core.model import Topology
 from vbus.errors import Denied, Invalid
@@ -44,3 +45,20 @@ def test_attributes_are_validated() -> None:
         topo.set_attribute("v0", "link", "up")
     topo.set_attribute("v0", "mac", "02:aa:bb:cc:dd:ee")
     assert topo.device("v0").model.mac == bytes.fromhex("02aabbccddee")  # type: ignore[attr-defined]
+
+
+def test_a_frame_spreads_over_the_writable_segments_of_a_chain() -> None:
+    from vbus.devices.venet import _room, _write_frame
+    from vbus.memory import BufferMemory
+    from vbus.queue import Buffer
+
+    memory = BufferMemory(bytearray(256))
+    # A chain as virtio may post it: a readable piece first, then room in two pieces.
+    chain = Buffer(0, 0, ((0, 16, False), (32, 20, True), (100, 60, True)))
+    assert _room(chain) == 80
+    data = frame(BROADCAST, MAC_A, b"z" * 50)  # 12 + 14 + 50 = 76 bytes
+    _write_frame(memory, chain, data)
+    written = bytes(memory.buf[32:52]) + bytes(memory.buf[100:156])
+    assert written == data[:10] + b"\x01\x00" + data[12:]
+    assert bytes(memory.buf[:16]) == bytes(16)  # the readable segment is left alone
+    assert _room(Buffer(1, 0, ((0, 64, False),))) == 0
