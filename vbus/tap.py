@@ -59,6 +59,9 @@ from vbus.net.vnet import (
 __all__ = ["TapBridge", "TapConfig", "add_parser", "main", "run_tap"]
 
 QUEUE_COUNT = 256
+# Without GSO frames are small and come in larger numbers: a longer rx ring
+# (1.5 KiB buffers) absorbs a burst that 256 would drop.
+QUEUE_COUNT_SMALL = 1024
 READ_BATCH = 64  # frames read from the tap per wake-up
 READ_SIZE = HDR_SIZE + MAX_GSO_FRAME + VLAN_HLEN
 
@@ -194,7 +197,8 @@ class TapBridge:
         dev = self.dev
         loop = asyncio.get_running_loop()
         tx = await dev.shm(0, "tx", count=QUEUE_COUNT, buf_size=self.tx_size)
-        rx = await dev.shm(1, "rx", count=QUEUE_COUNT, buf_size=rx_size)
+        count = QUEUE_COUNT if rx_size > 16 << 10 else QUEUE_COUNT_SMALL
+        rx = await dev.shm(1, "rx", count=count, buf_size=rx_size)
         await dev.call(CALL_LINK_UP)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
