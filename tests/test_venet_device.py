@@ -378,3 +378,59 @@ async def test_a_broken_rx_ring_faults_its_own_connection_only(lab: tuple[Topolo
     assert b.dev.error is not None and "outside" in str(b.dev.error)
     await a.tx.send(frame(BROADCAST, MAC_A))
     assert len(await c.recv(1)) == 1
+
+
+# --- the tap backend ------------------------------------------------------------------------
+async def test_the_tap_backend_stops_and_resumes_with_the_rx_ring(
+    lab: tuple[Topology, Bus],
+) -> None:
+    import socket
+    import subprocess
+
+    from tests.conftest import require
+    from vbus.net import tap as taplib
+
+    require(os.geteuid() == 0 and os.path.exists("/dev/net/tun"), "taps need root and /dev/net/tun")
+    topo, bus = lab
+    ifname = f"vbx{os.getpid() % 100000}"
+    ns = f"vbx{os.getpid()}"
+    topo.set_attribute("v0", "backend", f"tap:{ifname}")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        port = await Port.open(bus, "v0", count=8)
+        assert stats(topo, "v0")["link_up"] == 1
+        # The daemon's tap, moved into the test's namespace; frames put on it
+        # there go to the north, frames from the north come out there.
+        subprocess.run(["ip", "link", "set", ifname, "netns", ns], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up"], check=True)
+
+        def packet_socket() -> socket.socket:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+            sock.bind((ifname, 0))
+            return sock
+
+        sock = taplib.in_netns(ns, packet_socket)
+        try:
+            sent = [frame(MAC_A, MAC_B, bytes([i]) * 100)[12:] for i in range(40)]
+            for eth_frame in sent:
+                sock.send(eth_frame)
+            await settle(lambda: stats(topo, "v0")["rx_stops"] >= 1)
+            assert stats(topo, "v0")["rx_frames"] == 8  # the ring is full: the reader stopped
+            got: list[bytes] = []
+            async with asyncio.timeout(10):
+                while len(got) < 40:  # each rx post resumes the reader
+                    got += [f[12:] for f in await port.recv(1) if f[24:26] == b"\x88\xb5"]
+            assert got == sent  # (the stack's own IPv6 frames set aside)
+            assert stats(topo, "v0")["rx_restarts"] >= 1
+            sock.settimeout(5)
+            out = frame(MAC_B, MAC_A, b"north to host")
+            await port.tx.send(out)
+            assert await asyncio.to_thread(sock.recv, 2048) == out[12:]
+            assert stats(topo, "v0")["tx_drop_backend_error"] == 0
+        finally:
+            sock.close()
+        await port.dev.call(CALL_LINK_DOWN)
+        assert stats(topo, "v0")["link_up"] == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        topo.device("v0").model.destroy()

@@ -62,3 +62,35 @@ def test_a_frame_spreads_over_the_writable_segments_of_a_chain() -> None:
     assert written == data[:10] + b"\x01\x00" + data[12:]
     assert bytes(memory.buf[:16]) == bytes(16)  # the readable segment is left alone
     assert _room(Buffer(1, 0, ((0, 64, False),))) == 0
+
+
+def test_tap_offloads_follow_the_negotiated_features() -> None:
+    from vbus.net import tap as taplib
+    from vbus.net.vnet import (
+        F_CSUM,
+        F_GUEST_CSUM,
+        F_GUEST_TSO4,
+        F_GUEST_TSO6,
+        F_HOST_TSO4,
+        F_HOST_TSO6,
+    )
+
+    guest = F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6
+    host = F_CSUM | F_HOST_TSO4
+    everything = taplib.TUN_F_CSUM | taplib.TUN_F_TSO4 | taplib.TUN_F_TSO6
+    # The daemon's tap: what it reads goes to the north (GUEST_* counts).
+    assert taplib.offload_flags(guest, reader="device") == everything
+    assert taplib.offload_flags(host, reader="device") == 0
+    assert taplib.offload_flags(F_GUEST_CSUM, reader="device") == taplib.TUN_F_CSUM
+    # vbus tap: what it reads goes to the device (CSUM and HOST_* count).
+    assert taplib.offload_flags(host, reader="driver") == taplib.TUN_F_CSUM | taplib.TUN_F_TSO4
+    assert taplib.offload_flags(guest, reader="driver") == 0
+    assert taplib.offload_flags(F_HOST_TSO6, reader="driver") == 0  # no TSO without CSUM
+
+
+def test_interface_names() -> None:
+    from vbus.net.tap import valid_ifname
+
+    assert valid_ifname("vt0") and valid_ifname("a" * 15) and valid_ifname("tap%d")
+    for bad in ("", ".", "..", "a" * 16, "a/b", "a:b", "a b", "a\tb"):
+        assert not valid_ifname(bad), bad

@@ -603,3 +603,26 @@ async def main():
         sys.stdout.write((await dev.call(7)).decode())
 asyncio.run(main())
 """
+
+
+# --- `vbus tap` refusals -------------------------------------------------------------------
+def test_vbus_tap_says_what_is_wrong_in_one_line(vbusd: Callable[..., Daemon]) -> None:
+    daemon = vbusd("--no-admin")  # the embedded default topology: echo0 only
+    cases = [
+        (["--device", "nope", "--ifname", "x0"], "vbus tap: no device 'nope' on bus 'default'"),
+        (
+            ["--device", "echo0", "--ifname", "x0"],
+            "vbus tap: device 'echo0' is of class echo, not a venet",
+        ),
+        (
+            ["--device", "echo0", "--ifname", "x0", "--netns", "vbus-no-such-ns"],
+            "vbus tap: no network namespace 'vbus-no-such-ns'",
+        ),
+        (["--device", "echo0", "--ifname", "bad/name"], "vbus tap: bad interface name 'bad/name'"),
+    ]
+    for args, message in cases:
+        tap = TapProc(daemon, args)
+        out, err = tap.proc.communicate(timeout=30)
+        assert tap.proc.returncode == 1, (args, out, err)
+        assert err.splitlines() == [message], (args, err)
+        assert out == ""

@@ -143,7 +143,9 @@ async def run_tap(config: TapConfig, on_ready: Callable[[str], None] | None = No
         except NotFound:
             raise NotFound(f"no device {config.device!r} on bus {bus.name!r}") from None
         if dev.info.deviceclass != "venet":
-            raise Invalid(f"device {config.device!r} is a {dev.info.deviceclass}, not a venet")
+            raise Invalid(
+                f"device {config.device!r} is of class {dev.info.deviceclass}, not a venet"
+            )
         mac, device_mtu, _link, _features = CONFIG.unpack(await dev.call(CALL_CONFIG))
         mtu = config.mtu if config.mtu is not None else min(device_mtu, TAP_MAX_MTU)
         if not 68 <= mtu <= min(device_mtu, TAP_MAX_MTU):

@@ -237,7 +237,12 @@ class VenetSession(Session):
         if backend.kind == "switch":
             self.switch = SWITCHES.attach((self.conn.bus, backend.name), self)
         else:
-            model.open_tap(backend.name).attach(self)
+            tap = model.open_tap(backend.name)
+            try:
+                tap.attach(self)
+            except OSError as exc:
+                tap.detach()
+                raise VbusError(f"venet: tap {tap.name!r}: {exc.strerror or exc}") from None
         self.up = True
         model.link_changed(True)
         log.info(
