@@ -244,3 +244,28 @@ def test_adapt_for_gives_each_port_what_it_negotiated() -> None:
 def test_feature_names() -> None:
     assert vnet.feature_names(F_CSUM | F_HOST_TSO4 | 1 << 40) == "CSUM|HOST_TSO4|bit40"
     assert vnet.feature_names(0) == "none"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+    st.integers(1, 3000),
+    st.integers(1, 1460),
+    st.booleans(),
+)
+def test_whatever_check_tx_passes_segments_cleanly(
+    edits: list[tuple[int, int]], size: int, mss: int, v6: bool
+) -> None:
+    """A header that passes the checks never makes segmentation or checksum
+    completion fail, and the segments carry exactly the payload."""
+    raw = bytearray(gso_frame(bytes(range(256)) * (size // 256 + 1), mss, v6=v6))
+    for at, value in edits:
+        raw[at % len(raw)] = value
+    data = bytes(raw)
+    verdict = check_tx(data, ALL, 1500)
+    if verdict == GSO:
+        segments = vnet.segment(data)
+        assert all(check_tx(s, PLAIN, 1500) == OK for s in segments)
+        assert all(tcp_checksum_ok(s[12:]) for s in segments)
+    elif verdict == OK and data[0] & HDR_NEEDS_CSUM:
+        assert len(vnet.complete_csum(data)) == len(data)
