@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vbus import __version__
+from vbus import tap as tap_command
 from vbus.client import connect
 from vbus.errors import Denied, VbusError
 from vbus.paths import socket_candidates
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("data", nargs="?", default="", help="request data (UTF-8 text)")
     _add_soak(sub)
     _add_bench(sub)
+    tap_command.add_parser(sub)
     return parser
 
 
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return _soak(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "tap":
+        return tap_command.main(args)
     handler = {"devices": _devices, "status": _status, "call": _call}[args.command]
     try:
         return asyncio.run(handler(args))
