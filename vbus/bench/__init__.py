@@ -2,7 +2,7 @@
 
 Every comparison runs both sides in the same run, alternating, for several
 rounds, each run in a fresh process; the report gives medians and ratios of
-medians, the issue's targets checked against them, and the machine it ran
+medians, the subjects' targets checked against them, and the machine it ran
 on.  Subjects are plug-ins, one module each in ``vbus.bench.subjects``
 (``vbus.bench.subject`` has the interface).  Benchmarks are never part of
 pass/fail: ``vbus bench --quick`` in the tests only checks that nothing crashes.

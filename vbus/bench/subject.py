@@ -58,7 +58,7 @@ class Figure:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A goal of the issue checked against the medians of this run (informational)."""
+    """A target for this subject checked against the medians of this run (informational)."""
 
     text: str  # what is checked, e.g. "vbus >= 3x the fastest socket peer"
     value: float | None  # the measured quantity (None: could not be measured)
@@ -103,7 +103,7 @@ class Subject:
         raise NotImplementedError
 
     def targets(self, medians: dict[str, Figures]) -> list[Target]:
-        """The issue's goals for this subject, from the medians per variant."""
+        """The targets for this subject, from the medians per variant."""
         return []
 
     def variant(self, name: str) -> Variant:
