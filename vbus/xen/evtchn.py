@@ -151,31 +151,24 @@ class PortTransport:
     """A backend port as a ring's ``Transport``: ``fd``/``drain`` its inbox,
     ``kick`` a send; ``close`` closes the port."""
 
-    __slots__ = ("dom", "number", "table")
+    __slots__ = ("_inbox", "dom", "fd", "kicks", "number", "table")
 
     def __init__(self, table: EvtchnTable, port: Port) -> None:
         self.table = table
         self.dom = port.dom
         self.number = port.port
-
-    @property
-    def _port(self) -> Port:
-        return self.table.get(self.dom, self.number)
-
-    @property
-    def fd(self) -> int:
-        return self._port.inbox.fd
-
-    @property
-    def kicks(self) -> int:
-        return self._port.outbox.transport.kicks
+        self.fd = port.inbox.fd
+        self.kicks = 0
+        self._inbox = port.inbox.transport
 
     def kick(self) -> None:
+        self.kicks += 1
         self.table.send(self.dom, self.number)
 
     def drain(self) -> int:
-        return self._port.inbox.transport.drain()
+        return self._inbox.drain()
 
     def close(self) -> None:
         if self.number in self.table.ports.get(self.dom, {}):
             self.table.close(self.dom, self.number)
+        self.fd = -1

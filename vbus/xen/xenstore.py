@@ -1110,8 +1110,13 @@ class XenstoreServer:
 class LocalClient:
     """The daemon's own privileged connection: calls in, watch events to callbacks."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, defer: Callable[[Callable[[str], None], str], object] | None = None
+    ) -> None:
+        """``defer(callback, path)`` runs a watch callback later (``loop.call_soon``):
+        never inside the store's own change, whose watch lists it may alter."""
         self.store = store
+        self.defer = defer
         self._callbacks: dict[bytes, Callable[[str], None]] = {}
         self._pending: list[bytes] = []
         self.conn = store.connect(0, self._deliver, privileged=True)
@@ -1124,7 +1129,11 @@ class LocalClient:
             return
         parts = xswire.split_strings(frame[xswire.HEADER.size :])
         callback = self._callbacks.get(parts[1]) if len(parts) > 1 else None
-        if callback is not None:
+        if callback is None:
+            return
+        if self.defer is not None:
+            self.defer(callback, parts[0].decode())
+        else:
             callback(parts[0].decode())
 
     def _call(self, mtype: XsType, parts: list[bytes], raw: bytes | None = None) -> bytes:
