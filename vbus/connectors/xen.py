@@ -394,7 +394,7 @@ class XenConnector:
         xs.set_perms(base, ["n0", f"r{domid}"])
         xs.write(f"{base}/name", domain.name or f"domain-{domid}")
         xs.write(f"{base}/domid", str(domid))
-        for sub, perms in (("device", ["n0", f"r{domid}"]), ("data", [f"b{domid}"])):
+        for sub, perms in (("device", ["n0", f"r{domid}"]), ("data", [f"n{domid}"])):
             xs.mkdir(f"{base}/{sub}")
             xs.set_perms(f"{base}/{sub}", perms)
         xs.mkdir(f"{base}/device/vbus")
