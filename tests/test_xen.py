@@ -23,6 +23,8 @@ import pytest
 from tests.conftest import Daemon, require
 from vbus.errors import Busy, Closed, Denied
 from vbus.memory import PAGE_SIZE
+from vbus.net.calls import CALL_LINK_UP, CALL_MAC, CALL_NEGOTIATE, NEGOTIATED, U64
+from vbus.net.vnet import F_VERSION_1, HDR_SIZE, header
 from vbus.xen.abi import XenbusState, backend_path, frontend_path
 from vbus.xen.domu import DomU, Frontend
 from vbus.xen.grants import GTF_READING, GTF_WRITING
@@ -41,6 +43,13 @@ devices = ["echo0"]
 [buses.elsewhere]
 members = ["domid:9"]
 devices = ["other"]
+[devices.v0]
+class = "venet"
+[devices.v1]
+class = "venet"
+[buses.net]
+members = ["domid:10", "domid:11"]
+devices = ["v0", "v1"]
 """
 N_ECHO = 100_000
 
@@ -310,5 +319,23 @@ async def test_sigkilled_domain_is_released(daemon: Daemon) -> None:
     await again.close()
 
 
-def test_page_size_is_xens() -> None:
-    assert PAGE_SIZE == 4096
+async def test_venet_frames_between_two_domains(daemon: Daemon) -> None:
+    a = await DomU.attach(xen_sock(daemon), 10)
+    b = await DomU.attach(xen_sock(daemon), 11)
+    try:
+        ends = [await a.frontend("v0"), await b.frontend("v1")]
+        for end in ends:
+            features, rx_size = NEGOTIATED.unpack(
+                await end.call(CALL_NEGOTIATE, U64.pack(F_VERSION_1))
+            )
+            assert features == F_VERSION_1 and rx_size <= end.queues[1].buf_size
+            assert await end.call(CALL_LINK_UP) == b"\x01"
+        mac = await ends[0].call(CALL_MAC)
+        frame = header() + b"\xff" * 6 + mac + b"\x88\xb5" + bytes(range(50))
+        await ends[0].queues[0].send_many([frame])  # broadcast: the switch floods it
+        got = await asyncio.wait_for(ends[1].queues[1].recv_many(1), 10)
+        assert got[0][HDR_SIZE:] == frame[HDR_SIZE:]
+        assert PAGE_SIZE % ends[1].queues[1].buf_size == 0  # a buffer never crosses a grant
+    finally:
+        await a.close()
+        await b.close()
