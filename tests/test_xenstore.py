@@ -370,3 +370,40 @@ def test_contents_survive_a_restart(vbusd: Callable[..., Daemon]) -> None:
         assert "(n0,r3)" in xs(env, "xenstore-ls", "-p", "/tool").stdout
     finally:
         assert again.stop() == 0
+
+
+@pytest.mark.integration
+def test_a_flood_takes_turns_and_a_deaf_client_is_dropped(vbusd: Callable[..., Daemon]) -> None:
+    import socket
+    import threading
+
+    daemon = vbusd("--no-admin")
+    env = tools_env(daemon)
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flood.connect(str(daemon.run_dir / "xenstored.sock"))
+    request = xswire.encode(XsType.READ, 1, 0, b"/tool/none\0")
+    sent = threading.Event()
+
+    def pour() -> None:
+        try:
+            for _ in range(200):  # 200 x 1000 requests, never a reply read
+                flood.sendall(request * 1000)
+        except OSError:
+            pass  # dropped: what should happen
+        sent.set()
+
+    pourer = threading.Thread(target=pour, daemon=True)
+    pourer.start()
+    try:
+        started = time.monotonic()
+        assert xs(env, "xenstore-write", "/tool/ok", "1").returncode == 0
+        assert xs(env, "xenstore-read", "/tool/ok").stdout == "1\n"
+        assert time.monotonic() - started < 10
+        assert sent.wait(60), "the flood was neither served nor dropped"
+        assert (
+            '"client does not read its replies"' in daemon.log() or "does not read" in daemon.log()
+        )
+    finally:
+        flood.close()
+        pourer.join(10)
+    assert xs(env, "xenstore-read", "/tool/ok").stdout == "1\n"

@@ -65,7 +65,10 @@ MAX_QUEUES = 8  # per device
 MAX_BUF_REFS = 1024  # data grants per queue
 _CMSG_SPACE = socket.CMSG_SPACE(abi.MAX_FDS * 4)
 _M32 = 0xFFFFFFFF
-_DOMAIN_FDS = 3  # the attach socket and the two mappings' memfd references
+# The attach socket, the memfd references the three mappings keep, the
+# daemon's end of the domain's xenstore connection.
+_DOMAIN_FDS = 5
+_PORT_FDS = 2  # an event channel's inbox and outbox, held until it is closed
 
 
 class _Device:
@@ -296,7 +299,12 @@ class XenConnector:
             elif mtype == MsgType.EVTCHN_ALLOC_UNBOUND:
                 (remote,) = fields
                 assert isinstance(remote, int)
-                port = self.evtchn.alloc_unbound(domain.domid, remote)
+                domain.north.account.take(fds=_PORT_FDS)  # bounded by the domain's share
+                try:
+                    port = self.evtchn.alloc_unbound(domain.domid, remote)
+                except BaseException:
+                    domain.north.account.give(fds=_PORT_FDS)
+                    raise
                 self._send(
                     domain, abi.encode(MsgType.EVTCHN_PORT, seq, port.port),
                     [port.inbox.fd, port.outbox.fd],
@@ -304,7 +312,12 @@ class XenConnector:
             elif mtype == MsgType.EVTCHN_BIND_INTERDOMAIN:
                 remote, remote_port = fields
                 assert isinstance(remote, int) and isinstance(remote_port, int)
-                port = self.evtchn.bind_interdomain(domain.domid, remote, remote_port)
+                domain.north.account.take(fds=_PORT_FDS)
+                try:
+                    port = self.evtchn.bind_interdomain(domain.domid, remote, remote_port)
+                except BaseException:
+                    domain.north.account.give(fds=_PORT_FDS)
+                    raise
                 self._send(
                     domain, abi.encode(MsgType.EVTCHN_PORT, seq, port.port),
                     [port.inbox.fd, port.outbox.fd],
@@ -313,6 +326,7 @@ class XenConnector:
                 (number,) = fields
                 assert isinstance(number, int)
                 self.evtchn.close(domain.domid, number)
+                domain.north.account.give(fds=_PORT_FDS)
                 self._send(domain, abi.encode(MsgType.OK, seq))
             else:
                 raise ProtocolError(f"{mtype.name} is not a request")

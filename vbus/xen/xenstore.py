@@ -82,6 +82,8 @@ _WRITE = {"w", "b"}
 SPECIALS = ("@introduceDomain", "@releaseDomain")
 _DOMAIN_DIR = re.compile(r"/local/domain/([0-9]+)(/|$)")
 FORMAT_VERSION = 1
+BATCH = 64  # requests answered per client per loop iteration
+INBOX_MAX = 256  # requests queued before a client is no longer read
 
 
 def domain_path(domid: int) -> str:
@@ -831,6 +833,7 @@ class _Client:
         self.held: list[bytes] = []  # replies waiting for a save to be durable
         self.waiting_save = 0  # the save generation they wait for
         self.inbox: deque[xswire.Msg] = deque()
+        self.scheduled = False
         self.closed = False
         self.conn = server.store.connect(domid, self.send, privileged=privileged)
         self.log = log.bind(domid=domid) if not privileged else log
@@ -885,11 +888,14 @@ class _Client:
         self._throttle()
 
     def _throttle(self) -> None:
-        """A domain with too many replies it has not taken is not read (xenstored's
-        outstanding-requests quota)."""
-        if self.conn.privileged:
+        """Read only while there is room: a domain with too many replies it has
+        not taken is not read (xenstored's outstanding-requests quota), nor
+        is any client with a backlog of requests still to answer."""
+        if self.closed:
             return
-        busy = len(self.outbound) >= self.server.store.quotas.outstanding
+        busy = len(self.inbox) >= INBOX_MAX or (
+            not self.conn.privileged and len(self.outbound) >= self.server.store.quotas.outstanding
+        )
         if busy and self.reading:
             self.reading = False
             self.server.loop.remove_reader(self.fd)
@@ -1003,7 +1009,7 @@ class XenstoreServer:
 
     def _readable(self, client: _Client) -> None:
         try:
-            data = client.sock.recv(65536)
+            data = client.sock.recv(16384)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -1018,14 +1024,23 @@ class XenstoreServer:
             self._drop(client, f"protocol violation: {exc.message}")
             return
         client.inbox.extend(msgs)
-        if len(client.inbox) > 1024:
-            self._drop(client, "too many requests waiting")
-            return
-        self._serve(client)
+        if not client.scheduled:
+            self._serve(client)
+        else:
+            client._throttle()
 
     def _serve(self, client: _Client) -> None:
+        """Answer queued requests, at most ``BATCH`` per loop iteration: a
+        client's flood takes turns with everyone else."""
         store = self.store
+        client.scheduled = False
+        served = 0
         while client.inbox and not client.held and not client.closed:
+            if served >= BATCH:
+                client.scheduled = True
+                self.loop.call_soon(self._serve, client)
+                break
+            served += 1
             msg = client.inbox.popleft()
             before = store.durable_changes
             try:
@@ -1039,6 +1054,7 @@ class XenstoreServer:
                 continue
             if reply is not None:
                 client.send(reply)
+        client._throttle()
 
     def _schedule_save(self) -> int:
         """The number of the save that will hold every change made so far."""
