@@ -40,7 +40,7 @@ class = "echo"
 [devices.secret0]
 class = "echo"
 [buses.default]
-members = ["uid:self"]
+members = ["uid:self", "domid:100", "domid:101", "domid:102", "domid:103"]
 devices = ["echo0"]
 [buses.hidden]
 members = ["uid:4242"]
@@ -58,6 +58,10 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
     # a regression to the frame-only bound let it pin 512 x 32 KiB here.
     "call_flood": (("dropped after",), lambda o: int(o.detail.split("=")[1]) < 128),
     "oversized": (("ERROR", "disconnect"), lambda o: o.faults == 1),
+    "garbage_ring_ref": (("fault (",), lambda o: o.faults == 1 and o.detail.endswith("=0")),
+    "revoked_grants": (("refused while mapped", "served on"), lambda o: o.faults == 0),
+    "evtchn_storm": (("coalesced", "still served"), lambda o: o.faults == 0),
+    "xenstore_flood": (("ENOSPC", "E2BIG"), lambda o: o.faults == 2),
     "truncated": (("disconnect",), lambda o: o.faults == 1),
     "slowloris": (("evicted at the pending cap", "timed out", "refused past"), lambda o: True),
     "fd_abuse": (("bad registrations refused",), lambda o: o.faults == 15),
@@ -119,6 +123,8 @@ def _settle(check: Callable[[], bool], timeout: float = 10.0) -> bool:
 async def _next_to_a_good_client(daemon: Daemon, cls: type[Misbehaviour]) -> None:
     ctx = Context(
         socket=daemon.socket,
+        xen_socket=daemon.run_dir / "xen.sock",
+        xen_domids=(100, 101, 102, 103),
         hidden=("secret0",),
         handshake_timeout=HANDSHAKE,
         max_pending_per_uid=PENDING_CAP,

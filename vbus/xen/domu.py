@@ -74,6 +74,7 @@ class XsClient:
         self.pending: dict[int, asyncio.Future[xswire.Msg]] = {}
         self.watches: dict[bytes, Callable[[str], None]] = {}
         self._req = 0
+        self._sending = asyncio.Lock()
         self.error: VbusError | None = None
         loop.add_reader(sock.fileno(), self._readable)
 
@@ -112,6 +113,7 @@ class XsClient:
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(exc)
+                future.exception()  # its requester may be gone: nobody else will look
         self.pending.clear()
 
     async def request(self, mtype: XsType, payload: bytes, tx: int = 0) -> bytes:
@@ -121,7 +123,13 @@ class XsClient:
         req = self._req
         future: asyncio.Future[xswire.Msg] = self.loop.create_future()
         self.pending[req] = future
-        self.sock.sendall(xswire.encode(mtype, req, tx, payload))
+        frame = xswire.encode(mtype, req, tx, payload)
+        async with self._sending:  # whole messages: concurrent senders must not interleave
+            try:
+                await self.loop.sock_sendall(self.sock, frame)
+            except OSError as exc:
+                self.pending.pop(req, None)
+                raise Closed(f"xenstore connection: {exc.strerror}") from None
         msg = await future
         if msg.type == XsType.ERROR:
             raise XsError.from_payload(msg.payload)
