@@ -58,10 +58,6 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
     # a regression to the frame-only bound let it pin 512 x 32 KiB here.
     "call_flood": (("dropped after",), lambda o: int(o.detail.split("=")[1]) < 128),
     "oversized": (("ERROR", "disconnect"), lambda o: o.faults == 1),
-    "garbage_ring_ref": (("fault (",), lambda o: o.faults == 1 and o.detail.endswith("=0")),
-    "revoked_grants": (("refused while mapped", "served on"), lambda o: o.faults == 0),
-    "evtchn_storm": (("coalesced", "still served"), lambda o: o.faults == 0),
-    "xenstore_flood": (("ENOSPC", "E2BIG"), lambda o: o.faults == 2),
     "truncated": (("disconnect",), lambda o: o.faults == 1),
     "slowloris": (("evicted at the pending cap", "timed out", "refused past"), lambda o: True),
     "fd_abuse": (("bad registrations refused",), lambda o: o.faults == 15),
@@ -78,19 +74,30 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
     "fd_exhaustion": (("refused past",), lambda o: o.faults >= 1),
     "removed_member": (("BUS_GONE",), lambda o: o.faults == 2),
     "cross_tenant": (("refused alike",), lambda o: o.faults >= 9),
+    "garbage_ring_ref": (("fault (",), lambda o: o.faults == 1 and o.detail.endswith("=0")),
+    "revoked_grants": (("refused while mapped", "served on"), lambda o: o.faults == 0),
+    "evtchn_storm": (("coalesced", "still served"), lambda o: o.faults == 0),
+    "xenstore_flood": (("ENOSPC", "E2BIG"), lambda o: o.faults == 2),
 }
 
 
 def test_the_catalogue_is_complete_and_selectable() -> None:
     names = [cls.name for cls in catalogue()]
     assert names == list(EXPECTED)
-    assert CONNECTORS == ("userspace",)
-    assert select("all") == catalogue() == select("userspace")
+    assert CONNECTORS == ("userspace", "xen")
+    assert select("all") == catalogue() == select("userspace") + select("xen")
     assert [c.name for c in select("stall, crash,stall")] == ["stall", "crash"]
     with pytest.raises(ValueError, match="unknown misbehaviour 'nope'"):
         select("stall,nope")
-    for cls in catalogue():
-        assert cls.summary and cls.expect and cls.connector == "userspace"
+    for name in CONNECTORS:
+        for cls in catalogue(name):
+            assert cls.summary and cls.expect and cls.connector == name
+    assert {c.name for c in catalogue("xen")} == {
+        "garbage_ring_ref",
+        "revoked_grants",
+        "evtchn_storm",
+        "xenstore_flood",
+    }
 
 
 def test_good_messages_detect_corruption_and_strangers() -> None:
