@@ -58,7 +58,7 @@ NOBODY = 65534
 EXHAUSTER = 65533  # the uid of the behaviours that exhaust a per-uid bound
 HIDDEN_DEVICE = "secret0"
 SINK_DEVICE = "sink0"
-XEN_DOMIDS = tuple(range(100, 108))  # admitted on the bad clients' bus
+XEN_DOMIDS = tuple(range(100, 108))  # hostile domains, on a bus linking the bad clients' device
 TRANSIENT_BUS = "transient"  # no members of its own: a pid rule admits a bad client's child
 HUGEPAGES = 4  # set aside (as root) for the hugetlb behaviour
 # Limits of the daemon the soak starts: tight enough that the caps are reached
@@ -212,14 +212,18 @@ class Soak:
     # --- the daemon ------------------------------------------------------------------
     def topology(self) -> str:
         device = self.cfg.device
-        # Hostile domains attach under these, on the bad clients' bus.
+        # Hostile domains attach under these: as root on a bus of their own (the
+        # bad processes' bus counts only their own clients), else beside them.
         domids = ", ".join(f'"domid:{d}"' for d in XEN_DOMIDS)
         # The sink is on the bad clients' bus only: the good clients' bus stays as it was.
         hostile = (
             f"""
             [buses.hostile]
-            members = ["uid:{NOBODY}", {domids}]
+            members = ["uid:{NOBODY}"]
             devices = ["{device}", "{SINK_DEVICE}"]
+            [buses.domains]
+            members = [{domids}]
+            devices = ["{device}"]
             [buses.exhaust]
             members = ["uid:{EXHAUSTER}"]
             devices = ["{device}"]
