@@ -12,8 +12,10 @@ import errno
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -374,9 +376,6 @@ def test_contents_survive_a_restart(vbusd: Callable[..., Daemon]) -> None:
 
 @pytest.mark.integration
 def test_a_flood_takes_turns_and_a_deaf_client_is_dropped(vbusd: Callable[..., Daemon]) -> None:
-    import socket
-    import threading
-
     daemon = vbusd("--no-admin")
     env = tools_env(daemon)
     flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
