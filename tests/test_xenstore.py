@@ -15,6 +15,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -406,3 +407,16 @@ def test_a_flood_takes_turns_and_a_deaf_client_is_dropped(vbusd: Callable[..., D
         flood.close()
         pourer.join(10)
     assert xs(env, "xenstore-read", "/tool/ok").stdout == "1\n"
+
+
+@pytest.mark.integration
+def test_an_unusable_xenstore_file_is_a_start_error(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    (tmp_path / "state.xenstore.json").write_text('{"version": 1, "nodes": {"/x": 3}}')
+    done = subprocess.run(
+        [sys.executable, "-m", "vbus.daemon", "--run-dir", str(tmp_path / "run"),
+         "--state", str(state), "--no-admin"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "xenstore file" in done.stderr and "unusable" in done.stderr
