@@ -21,7 +21,7 @@ from vbus.bench.report import format_value, render
 from vbus.bench.runner import RunResult, SubjectResult
 from vbus.bench.subject import Figure, Figures, Subject, Target, Variant, discover
 
-EXPECTED_SUBJECTS = {"stream", "call", "mitigation", "bulk", "scale"}
+EXPECTED_SUBJECTS = {"stream", "call", "mitigation", "bulk", "scale", "xen"}
 
 
 @pytest.mark.integration
@@ -58,6 +58,8 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
     assert doc["subjects"]["call"]["variants"]["vbus"]["median"]["p50_us"] > 0
     assert doc["subjects"]["mitigation"]["variants"]["on"]["median"]["signals_per_msg"] >= 0
     assert doc["subjects"]["bulk"]["variants"]["vbus"]["median"]["gb_per_s"] > 0
+    xen = doc["subjects"]["xen"]["variants"]
+    assert all(xen[v]["median"]["per_s"] > 0 for v in ("xen", "userspace", "xenstore", "dict"))
     scale = doc["subjects"]["scale"]["variants"]
     assert {"c1", "c16", "c256"} <= set(scale)
     assert scale["c256"]["median"]["msgs_per_s"] > 0

@@ -40,7 +40,7 @@ class = "echo"
 [devices.secret0]
 class = "echo"
 [buses.default]
-members = ["uid:self"]
+members = ["uid:self", "domid:100", "domid:101", "domid:102", "domid:103"]
 devices = ["echo0"]
 [buses.hidden]
 members = ["uid:4242"]
@@ -74,19 +74,30 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
     "fd_exhaustion": (("refused past",), lambda o: o.faults >= 1),
     "removed_member": (("BUS_GONE",), lambda o: o.faults == 2),
     "cross_tenant": (("refused alike",), lambda o: o.faults >= 9),
+    "garbage_ring_ref": (("fault (",), lambda o: o.faults == 1 and o.detail.endswith("=0")),
+    "revoked_grants": (("refused while mapped", "served on"), lambda o: o.faults == 0),
+    "evtchn_storm": (("coalesced", "still served"), lambda o: o.faults == 0),
+    "xenstore_flood": (("ENOSPC", "E2BIG"), lambda o: o.faults == 2),
 }
 
 
 def test_the_catalogue_is_complete_and_selectable() -> None:
     names = [cls.name for cls in catalogue()]
     assert names == list(EXPECTED)
-    assert CONNECTORS == ("userspace",)
-    assert select("all") == catalogue() == select("userspace")
+    assert CONNECTORS == ("userspace", "xen")
+    assert select("all") == catalogue() == select("userspace") + select("xen")
     assert [c.name for c in select("stall, crash,stall")] == ["stall", "crash"]
     with pytest.raises(ValueError, match="unknown misbehaviour 'nope'"):
         select("stall,nope")
-    for cls in catalogue():
-        assert cls.summary and cls.expect and cls.connector == "userspace"
+    for name in CONNECTORS:
+        for cls in catalogue(name):
+            assert cls.summary and cls.expect and cls.connector == name
+    assert {c.name for c in catalogue("xen")} == {
+        "garbage_ring_ref",
+        "revoked_grants",
+        "evtchn_storm",
+        "xenstore_flood",
+    }
 
 
 def test_good_messages_detect_corruption_and_strangers() -> None:
@@ -119,6 +130,8 @@ def _settle(check: Callable[[], bool], timeout: float = 10.0) -> bool:
 async def _next_to_a_good_client(daemon: Daemon, cls: type[Misbehaviour]) -> None:
     ctx = Context(
         socket=daemon.socket,
+        xen_socket=daemon.run_dir / "xen.sock",
+        xen_domids=(100, 101, 102, 103),
         hidden=("secret0",),
         handshake_timeout=HANDSHAKE,
         max_pending_per_uid=PENDING_CAP,

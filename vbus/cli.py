@@ -16,6 +16,7 @@ from vbus import tap as tap_command
 from vbus.client import connect
 from vbus.errors import Denied, VbusError
 from vbus.paths import socket_candidates
+from vbus.xen import domu as xen_domu
 
 __all__ = ["main"]
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_soak(sub)
     _add_bench(sub)
     tap_command.add_parser(sub)
+    xen_domu.add_parser(sub)
     return parser
 
 
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "tap":
         return tap_command.main(args)
+    if args.command == "xen":
+        return xen_domu.main(args)
     handler = {"devices": _devices, "status": _status, "call": _call}[args.command]
     try:
         return asyncio.run(handler(args))

@@ -31,6 +31,7 @@ from vbus.admin.mount import AdminMount, mount_admin_tree
 from vbus.admin.state import StateStore, default_state_path
 from vbus.connectors.base import Connector, Limits
 from vbus.connectors.userspace import UserspaceConnector
+from vbus.connectors.xen import XenConnector
 from vbus.core.config import apply_config, check_config, default_config_text, load_config_text
 from vbus.core.model import Topology
 from vbus.core.registry import Registry
@@ -41,6 +42,7 @@ from vbus.log import flush as flush_log
 from vbus.loopmon import LoopMonitor
 from vbus.paths import default_run_dir, prepare_run_dir
 from vbus.procfs import ProcTasks
+from vbus.xen.xenstore import XenstoreServer
 
 __all__ = ["main"]
 
@@ -333,16 +335,28 @@ async def serve(args: argparse.Namespace) -> int:
             "errors_logged": errors_logged(),
         }
 
+    # The embedded xenstore: its tree persists beside the admin state.
+    xenstore = XenstoreServer(
+        loop, run_dir / "xenstored.sock", store.path.with_suffix(".xenstore.json")
+    )
+    try:
+        xenstore_source = xenstore.load()
+    except ValueError as exc:
+        lock.close()
+        raise StartupError(str(exc)) from None
     connectors: list[Connector] = [
-        UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger)
+        UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger),
+        XenConnector(topology, run_dir / "xen.sock", loop, xenstore, limits, ledger),
     ]
     try:
         _clear_stale_socket(sock_path)
+        xenstore.start()
         for connector in connectors:
             connector.start()
     except OSError as exc:
         for connector in connectors:
             connector.stop("daemon failed to start")
+        xenstore.stop()
         lock.close()
         raise StartupError(f"cannot serve {sock_path}: {exc.strerror}") from None
 
@@ -370,6 +384,7 @@ async def serve(args: argparse.Namespace) -> int:
         state=str(store.path),
         buses=[bus.name for bus in topology.buses()],
         devices=len(topology.devices()),
+        xenstore=xenstore_source,
     )
     _sd_notify("READY=1")
     try:
@@ -381,6 +396,7 @@ async def serve(args: argparse.Namespace) -> int:
             await admin.unmount()
         for connector in connectors:
             connector.stop("daemon stopping")
+        xenstore.stop()
         monitor.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

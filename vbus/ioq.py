@@ -739,6 +739,30 @@ class IoqNorth:
             self._publish(posted)
         return posted
 
+    def send_slots(self, payloads: Sequence[bytes]) -> int:
+        """``send_many`` with each message in its own slot's buffer (slot j at
+        ``data_offset + j * buf_size``), never packed across a buffer's end:
+        for pools whose buffers are separate grants (a buffer must not cross a
+        page).  Returns how many fitted."""
+        inuse = self._idx[_INUSE]
+        n = min(len(payloads), self.count - ((self.valid - inuse) & _M32))
+        if n <= 0:
+            return 0
+        self.reaped = inuse
+        buf, dq, mask, size, data = self._buf, self._dq, self._mask, self.buf_size, self._data
+        for i in range(n):
+            payload = payloads[i]
+            length = len(payload)
+            if length > size:
+                raise TooBig(f"message of {length} bytes exceeds the {size}-byte buffers")
+            slot = (self.valid + i) & mask
+            addr = data + slot * size
+            buf[addr : addr + length] = payload
+            dq[slot * 4 + _PTR] = addr
+            dq[slot * 4 + _LEN] = length
+        self._publish(n)
+        return n
+
     def _data_used(self, inuse: int, in_flight: int) -> int:
         """Bytes of the data area held by descriptors in flight: from where the
         oldest one starts (its ``ptr``, which we wrote) to where the next goes."""

@@ -1,6 +1,6 @@
 """A vbusd of the bench's own: a temporary run directory, state file and topology.
 
-The topology has one bus admitting the bench's uid with two echo devices:
+The topology has one bus admitting the bench's uid (and Xen domain 1) with two echo devices:
 ``sink0`` (mode sink: consumes queue 0 and counts) and ``echo0`` (mode echo).
 Readiness comes from the daemon's own ``READY=1`` (``NOTIFY_SOCKET``), not
 from its log.  ``wrap`` prefixes the command (a profiler, for instance); the
@@ -22,10 +22,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["BENCH_TOPOLOGY", "ECHO_DEVICE", "SINK_DEVICE", "BenchDaemon", "cpu_seconds", "rss_kib"]
+__all__ = [
+    "BENCH_DOMID",
+    "BENCH_TOPOLOGY",
+    "ECHO_DEVICE",
+    "SINK_DEVICE",
+    "BenchDaemon",
+    "cpu_seconds",
+    "rss_kib",
+]
 
 SINK_DEVICE = "sink0"
 ECHO_DEVICE = "echo0"
+BENCH_DOMID = 1  # the Xen domain a bench attaches as
 BENCH_TOPOLOGY = f"""\
 [devices.{SINK_DEVICE}]
 class = "echo"
@@ -36,7 +45,7 @@ class = "echo"
 mode = "echo"
 
 [buses.bench]
-members = ["uid:self"]
+members = ["uid:self", "domid:{BENCH_DOMID}"]
 devices = ["{SINK_DEVICE}", "{ECHO_DEVICE}"]
 """
 

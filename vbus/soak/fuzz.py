@@ -16,6 +16,11 @@ fuzzer, and raises AssertionError (or anything unexpected) on a finding:
   ``IoqSouth``: only Fault / Invalid escape, the memory never grows, the
   south's view of pending work stays within the ring.  Popped buffers are
   handed back in any order (the queue contract allows it).
+- ``xenstore``: a byte stream from a domain (unprivileged) and from dom0
+  through the xenstored wire ``Decoder`` into one ``Store``: only
+  ProtocolError escapes, every request gets exactly one reply of its own
+  type or ERROR (a name from Xen's list) with its req_id and tx_id, and
+  the tree stays whole (every child a node, every node its parent's child).
 
 ``python -m vbus.soak.fuzz [--seconds N] [--engine atheris|hypothesis] [TARGET...]``
 runs each target for N seconds: with atheris (libFuzzer, coverage-guided) when
@@ -41,8 +46,16 @@ from vbus.errors import Fault, Invalid, NotSupported, ProtocolError, TooBig, Vbu
 from vbus.ioq import IoqNorth, IoqSouth, pool_layout
 from vbus.memory import BufferMemory
 from vbus.queue import Buffer
+from vbus.xen import xenstore, xswire
 
-__all__ = ["TARGETS", "main", "ring_target", "session_target", "wire_target"]
+__all__ = [
+    "TARGETS",
+    "main",
+    "ring_target",
+    "session_target",
+    "wire_target",
+    "xenstore_target",
+]
 
 
 # --- wire -------------------------------------------------------------------------
@@ -252,10 +265,70 @@ def ring_target(data: bytes) -> None:
         memory.release()
 
 
+# --- xenstore ---------------------------------------------------------------------------
+
+_XS_PATHS = (b"/local/domain/3", b"/local/domain/3/data", b"data/x", b"/tool", b"/", b"a//b")
+
+
+def _xs_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(who, bytes): who 0 is dom0, 1 the domain; each piece a near-valid
+    message (a known type, a path from a small set, the rest raw) or raw bytes."""
+    src = _Bytes(data)
+    while src.left:
+        control = src.byte()
+        who = control & 1
+        if control & 2:
+            yield who, src.take(src.byte() % 40)
+            continue
+        mtype = src.byte() % 28
+        tx_id = src.byte() % 4
+        path = _XS_PATHS[src.byte() % len(_XS_PATHS)]
+        tail = src.take(src.byte() % 16)
+        payload = path + b"\0" + tail
+        yield who, struct.pack("<IIII", mtype, src.byte(), tx_id, len(payload)) + payload
+
+
+def xenstore_target(data: bytes) -> None:
+    store = xenstore.Store(xenstore.Quotas(nodes=20, watches=4, transactions=2))
+    events: list[list[bytes]] = [[], []]
+    conns = (
+        store.connect(0, events[0].append, privileged=True),
+        store.connect(3, events[1].append, privileged=False),
+    )
+    decoders = [xswire.Decoder(), xswire.Decoder()]
+    names = {name.encode() + b"\0" for name in xswire.ERROR_NAMES.values()}
+    for who, chunk in _xs_frames(data):
+        try:
+            msgs = decoders[who].feed(chunk)
+        except ProtocolError:
+            decoders[who] = xswire.Decoder()  # the server hangs up; a new connection
+            continue
+        for msg in msgs:
+            before = len(events[who])
+            try:
+                reply = store.request(conns[who], msg)
+            except xenstore._Answered:
+                reply = events[who][before]
+            mtype, req_id, tx_id, length = xswire.HEADER.unpack_from(reply)
+            assert length == len(reply) - 16 <= xswire.PAYLOAD_MAX
+            assert (req_id, tx_id) == (msg.req_id, msg.tx_id), "req_id/tx_id not echoed"
+            assert mtype in (msg.type, xswire.XsType.ERROR)
+            if mtype == xswire.XsType.ERROR:
+                assert reply[16:] in names, f"{reply[16:]!r} is not one of Xen's errors"
+    nodes = store.tree.nodes
+    for path, node in nodes.items():
+        for child in node.children:
+            assert xenstore._join(path, child) in nodes, f"{path} lists a missing {child}"
+        if path != "/":
+            leaf = path.rsplit("/", 1)[1]
+            assert leaf in nodes[xenstore._parent(path)].children, f"{path} is an orphan"
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "wire": wire_target,
     "session": session_target,
     "ring": ring_target,
+    "xenstore": xenstore_target,
 }
 
 

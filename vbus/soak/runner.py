@@ -58,6 +58,7 @@ NOBODY = 65534
 EXHAUSTER = 65533  # the uid of the behaviours that exhaust a per-uid bound
 HIDDEN_DEVICE = "secret0"
 SINK_DEVICE = "sink0"
+XEN_DOMIDS = tuple(range(100, 108))  # hostile domains, on a bus linking the bad clients' device
 TRANSIENT_BUS = "transient"  # no members of its own: a pid rule admits a bad client's child
 HUGEPAGES = 4  # set aside (as root) for the hugetlb behaviour
 # Limits of the daemon the soak starts: tight enough that the caps are reached
@@ -211,12 +212,18 @@ class Soak:
     # --- the daemon ------------------------------------------------------------------
     def topology(self) -> str:
         device = self.cfg.device
+        # Hostile domains attach under these: as root on a bus of their own (the
+        # bad processes' bus counts only their own clients), else beside them.
+        domids = ", ".join(f'"domid:{d}"' for d in XEN_DOMIDS)
         # The sink is on the bad clients' bus only: the good clients' bus stays as it was.
         hostile = (
             f"""
             [buses.hostile]
             members = ["uid:{NOBODY}"]
             devices = ["{device}", "{SINK_DEVICE}"]
+            [buses.domains]
+            members = [{domids}]
+            devices = ["{device}"]
             [buses.exhaust]
             members = ["uid:{EXHAUSTER}"]
             devices = ["{device}"]
@@ -227,6 +234,7 @@ class Soak:
             else ""
         )
         default_devices = f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"'
+        default_members = '"uid:self"' if self.own_uid else f'"uid:self", {domids}'
         return textwrap.dedent(
             f"""
             [devices.{device}]
@@ -237,7 +245,7 @@ class Soak:
             class = "echo"
             mode = "sink"
             [buses.default]
-            members = ["uid:self"]
+            members = [{default_members}]
             devices = [{default_devices}]
             [buses.hidden]
             members = ["uid:4242"]
@@ -593,13 +601,16 @@ class Soak:
         exhaust a per-uid bound get a uid (and a bus) of their own."""
         if not self.own_uid:
             return [(None, "bad", list(self.behaviours))]
-        shared = [c for c in self.behaviours if not c.exhausts_uid]
-        alone = [c for c in self.behaviours if c.exhausts_uid]
+        domains = [c for c in self.behaviours if c.connector == "xen"]
+        shared = [c for c in self.behaviours if not c.exhausts_uid and c not in domains]
+        alone = [c for c in self.behaviours if c.exhausts_uid and c not in domains]
         groups: list[tuple[int | None, str, list[type[Misbehaviour]]]] = []
         if shared:
             groups.append((NOBODY, "bad", shared))
         if alone:
             groups.append((EXHAUSTER, "bad-exhaust", alone))
+        if domains:  # attaching as a domain is the toolstack's (xen.sock is 0600)
+            groups.append((None, "bad-xen", domains))
         return groups
 
     def bad_args(self, group: list[type[Misbehaviour]], uid: int | None) -> list[str]:
@@ -625,6 +636,8 @@ class Soak:
             members = self.admin_dir / "buses" / TRANSIENT_BUS / "members"
             if self.own_uid and os.path.ismount(self.admin_dir) and members.exists():
                 args += ["--members-file", str(members)]
+            args += ["--xen-socket", str(self.tmp / "run" / "xen.sock")]
+            args += ["--xen-domids", ",".join(map(str, XEN_DOMIDS))]
         if uid is not None:
             args += ["--own-uid", "--own-bus"]
         return args

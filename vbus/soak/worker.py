@@ -117,6 +117,8 @@ async def run_bad(args: argparse.Namespace) -> int:
     _watch_stdin(stop)
     ctx = Context(
         socket=args.socket,
+        xen_socket=args.xen_socket,
+        xen_domids=tuple(int(d) for d in args.xen_domids.split(",") if d),
         device=args.device,
         hidden=tuple(h for h in args.hidden.split(",") if h),
         cap_safe=args.own_uid,
@@ -220,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "privileges are dropped",
     )
     bad.add_argument("--hold", type=float, default=0.2, help="seconds a reached bound is kept")
+    bad.add_argument("--xen-socket", type=Path, help="the daemon's xen.sock")
+    bad.add_argument("--xen-domids", default="", help="domids admitted to its bus, comma-separated")
     return parser
 
 

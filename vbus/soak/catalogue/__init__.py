@@ -16,19 +16,21 @@ to a per-uid bound, so it runs under a uid that no other client uses.
 
 Extension point: a connector's catalogue is a module here that exports
 ``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
-``_MODULES``.  Hostile KVM guests (``kvm.py``) and hostile domUs
-(``xen.py``) go next to ``userspace.py`` when those connectors exist; their
-``Context`` needs are added as optional fields below.
+``_MODULES``: ``userspace.py`` (hostile processes) and ``xen.py`` (hostile
+domains, which need ``xen_socket`` and a pool of admitted ``xen_domids``).
+Hostile KVM guests (``kvm.py``) go beside them when that connector exists;
+a connector's ``Context`` needs are optional fields below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import random
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -56,7 +58,10 @@ Expect: TypeAlias = Literal[
 ]
 
 # connector -> module with its CATALOGUE, in the order of the report
-_MODULES: dict[str, str] = {"userspace": "vbus.soak.catalogue.userspace"}
+_MODULES: dict[str, str] = {
+    "userspace": "vbus.soak.catalogue.userspace",
+    "xen": "vbus.soak.catalogue.xen",
+}
 CONNECTORS: tuple[str, ...] = tuple(_MODULES)
 
 
@@ -94,12 +99,30 @@ class Context:
     # Resolves detections only the daemon's log can time (a SIGKILLed client
     # sees nothing): returns the log text, or None where it is not readable.
     read_log: Callable[[], str] | None = None
+    # The Xen connector's attach socket, and domids a ``domid:N`` rule admits
+    # to the bus of ``device`` (a hostile domain attaches under one of them).
+    xen_socket: Path | None = None
+    xen_domids: tuple[int, ...] = ()
     rng: random.Random = field(init=False)
     gate: asyncio.Lock = field(init=False)  # connects vs. bursts of half-open sockets
+    _free_domids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.gate = asyncio.Lock()
+        self._free_domids = list(self.xen_domids)
+
+    @contextlib.asynccontextmanager
+    async def xen_domid(self) -> AsyncIterator[int]:
+        """A domid of the pool for one instance; back at the end of the queue
+        afterwards (the daemon releases a domain once it sees the hang-up)."""
+        while not self._free_domids:
+            await asyncio.sleep(0.05)
+        domid = self._free_domids.pop(0)
+        try:
+            yield domid
+        finally:
+            self._free_domids.append(domid)
 
     def note(self, behaviour: str, what: str) -> None:
         if self.on_note is not None:
