@@ -769,4 +769,5 @@ def _virtio_call(session: Session, func: int) -> None:
 def _virtio_negotiate(session: Session, features: int) -> int:
     reply = session.call(CALL_NEGOTIATE, U64.pack(features))
     assert isinstance(reply, bytes)
-    return NEGOTIATED.unpack(reply)[1]
+    size: int = NEGOTIATED.unpack(reply)[1]
+    return size
