@@ -293,3 +293,15 @@ def test_vhost_wire_target_on_a_real_session() -> None:
         ]
     )
     vhost_wire_target(b"\x00" + stream)
+
+
+def test_parser_wanted_stops_reads_at_message_ends() -> None:
+    parser = Parser()
+    assert parser.wanted() == 12
+    data = wire.request(Request.SET_FEATURES, wire.u64(1))
+    parser.feed(data[:5])
+    assert parser.wanted() == 7
+    parser.feed(data[5:12])
+    assert parser.wanted() == 8
+    assert len(parser.feed(data[12:])) == 1
+    assert parser.wanted() == 12

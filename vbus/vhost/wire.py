@@ -199,8 +199,11 @@ def _reply(request: int, payload: bytes) -> Reply:
 
 class Parser:
     """Cuts the stream into messages.  Descriptors received with a chunk
-    belong to the message in progress at its first byte (the kernel hands
-    them over with the first byte of the sendmsg that carried them)."""
+    belong to the message in progress.  A reader keeps that true by never
+    reading past a message: ``wanted()`` says how many bytes complete the
+    current header or payload (the kernel stops a stream read after the
+    part of a sendmsg that carried descriptors, and a front-end sends each
+    message with one sendmsg, its descriptors with it)."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -210,9 +213,9 @@ class Parser:
     def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Message]:
         """Take a chunk; the messages it completes.  ``ProtocolError`` for a
         broken stream: every descriptor held is then in ``take_fds()``."""
+        self._fds.extend(fds)  # held from here on: closed or not, take_fds() has them
         if self.closed:
             raise ProtocolError("the vhost-user stream is closed")
-        self._fds.extend(fds)
         self._buf += data
         out: list[Message] = []
         buf = self._buf
@@ -243,6 +246,14 @@ class Parser:
             self.closed = True
             raise ProtocolError(f"{len(self._fds)} descriptors with one message")
         return out
+
+    def wanted(self) -> int:
+        """Bytes that complete the header, or the payload, of the message in progress."""
+        have = len(self._buf)
+        if have < HEADER.size:
+            return HEADER.size - have
+        size: int = HEADER.unpack_from(self._buf)[2]
+        return max(1, HEADER.size + min(size, MAX_PAYLOAD) - have)
 
     def take_fds(self) -> list[int]:
         """Descriptors received for a message not complete yet (to close)."""
