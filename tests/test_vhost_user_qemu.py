@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from tests import guest as guestlib
 from tests.conftest import Daemon, require
 from tests.test_venet_net import TapProc, netns, run, start_tap, taps  # noqa: F401 - fixtures
 from vbus.connectors.vhost_user import socket_path
+from vbus.vhost import guest as guestlib
 
 SUBNET = "10.199.0"
 GUEST_MAC = "02:00:00:00:77:02"
@@ -59,8 +59,7 @@ def guest() -> guestlib.Guest:
         "no apt-get/dpkg-deb",
     )
     require(os.path.exists("/dev/net/tun"), "no /dev/net/tun")
-    cache = Path(os.environ.get("VBUS_GUEST_CACHE", Path.home() / ".cache" / "vbus" / "guest"))
-    return guestlib.build(cache)
+    return guestlib.build(guestlib.default_cache())
 
 
 class Qemu:

@@ -1,4 +1,4 @@
-"""A stock Linux guest for the QEMU tests, built from Debian packages and cached between runs.
+"""A stock Linux guest for the QEMU tests and the bench, built from Debian packages, cached.
 
 ``build(cache)`` downloads (``apt-get download``) the versioned kernel that
 ``linux-image-cloud-amd64`` depends on and ``busybox-static``, unpacks them
@@ -19,6 +19,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+__all__ = ["Guest", "build", "default_cache", "qemu_command"]
 
 MODULES = (  # dependency order
     "kernel/drivers/virtio/virtio_ring.ko",
@@ -122,12 +124,28 @@ def _cpio(files: list[tuple[str, bytes, int]]) -> bytes:
     return bytes(out)
 
 
+def default_cache() -> Path:
+    """``$VBUS_GUEST_CACHE``, else ``~/.cache/vbus/guest``."""
+    return Path(os.environ.get("VBUS_GUEST_CACHE", Path.home() / ".cache" / "vbus" / "guest"))
+
+
 def qemu_command(
-    guest: Guest, socket: str, script: str, mac: str, *, mem: str = "256M"
+    guest: Guest,
+    socket: str | None,
+    script: str,
+    mac: str,
+    *,
+    mem: str = "256M",
+    netdev: str | None = None,
+    device: str = "",
 ) -> list[str]:
-    """QEMU under TCG with a virtio-net-pci device on a vhost-user socket."""
+    """QEMU under TCG with a virtio-net-pci device on a vhost-user ``socket``
+    (or on ``netdev``, e.g. ``tap,id=n0,...``); ``device`` adds properties."""
     encoded = base64.b64encode(script.encode()).decode()
     accel = "tcg"
+    if netdev is None:
+        netdev = "vhost-user,id=n0,chardev=c0"
+    chardev = ["-chardev", f"socket,id=c0,path={socket}"] if socket is not None else []
     return [
         "qemu-system-x86_64",
         "-accel", accel,
@@ -140,7 +158,7 @@ def qemu_command(
         "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
         "-numa", "node,memdev=mem",
-        "-chardev", f"socket,id=c0,path={socket}",
-        "-netdev", "vhost-user,id=n0,chardev=c0",
-        "-device", f"virtio-net-pci,netdev=n0,mac={mac},vectors=0",
+        *chardev,
+        "-netdev", netdev,
+        "-device", f"virtio-net-pci,netdev=n0,mac={mac},vectors=0{device}",
     ]  # fmt: skip
