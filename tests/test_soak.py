@@ -39,9 +39,19 @@ TOPOLOGY = """
 class = "echo"
 [devices.secret0]
 class = "echo"
+[devices.vhost_garbage]
+class = "venet"
+[devices.vhost_bad_table]
+class = "venet"
+[devices.vhost_bad_ring]
+class = "venet"
+[devices.vhost_ring_fault]
+class = "venet"
+[devices.vhost_kick_storm]
+class = "venet"
 [buses.default]
 members = ["uid:self"]
-devices = ["echo0"]
+devices = ["echo0", "vhost_garbage", "vhost_bad_table", "vhost_bad_ring", "vhost_ring_fault", "vhost_kick_storm"]
 [buses.hidden]
 members = ["uid:4242"]
 devices = ["secret0"]
@@ -74,19 +84,25 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
     "fd_exhaustion": (("refused past",), lambda o: o.faults >= 1),
     "removed_member": (("BUS_GONE",), lambda o: o.faults == 2),
     "cross_tenant": (("refused alike",), lambda o: o.faults >= 9),
+    "vhost_garbage": (("disconnected",), lambda o: o.faults == 1),
+    "vhost_bad_table": (("nack",), lambda o: o.faults == 1),
+    "vhost_bad_ring": (("nack",), lambda o: o.faults == 1),
+    "vhost_ring_fault": (("NEEDS_RESET",), lambda o: o.faults == 1),
+    "vhost_kick_storm": (("absorbed",), lambda o: o.faults == 0),
 }
 
 
 def test_the_catalogue_is_complete_and_selectable() -> None:
     names = [cls.name for cls in catalogue()]
     assert names == list(EXPECTED)
-    assert CONNECTORS == ("userspace",)
-    assert select("all") == catalogue() == select("userspace")
+    assert CONNECTORS == ("userspace", "vhost_user")
+    assert select("all") == catalogue() == select("userspace") + select("vhost_user")
     assert [c.name for c in select("stall, crash,stall")] == ["stall", "crash"]
     with pytest.raises(ValueError, match="unknown misbehaviour 'nope'"):
         select("stall,nope")
-    for cls in catalogue():
-        assert cls.summary and cls.expect and cls.connector == "userspace"
+    for name in CONNECTORS:
+        for cls in catalogue(name):
+            assert cls.summary and cls.expect and cls.connector == name
 
 
 def test_good_messages_detect_corruption_and_strangers() -> None:
@@ -126,6 +142,7 @@ async def _next_to_a_good_client(daemon: Daemon, cls: type[Misbehaviour]) -> Non
         cap_safe=True,  # the good client is connected before the caps are hit
         timeout=5.0,
         read_log=daemon.log,
+        vhost_dir=daemon.run_dir / "vhost-user" / "default",
     )
     reason = cls.unavailable(ctx) or (
         "it exhausts a per-uid bound the good client shares" if cls.exhausts_uid else None

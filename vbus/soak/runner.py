@@ -48,7 +48,7 @@ from typing import Any, TextIO
 import vbus
 from vbus.client import Bus, connect
 from vbus.errors import VbusError
-from vbus.soak.catalogue import Misbehaviour, Outcome, select
+from vbus.soak.catalogue import Misbehaviour, Outcome, catalogue, select
 from vbus.soak.catalogue.userspace import free_hugepages, resolve_crash
 from vbus.soak.report import check_bounds, percentile, render, summarise_outcomes
 
@@ -226,9 +226,22 @@ class Soak:
             if self.own_uid
             else ""
         )
-        default_devices = f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"'
-        return textwrap.dedent(
-            f"""
+        # One venet per vhost-user behaviour, on the bad clients' bus, named after it.
+        vhost = [cls.name for cls in catalogue("vhost_user")]
+        vhost_links = "".join(f', "{name}"' for name in vhost)
+        vhost_devices = "".join(f'[devices.{name}]\nclass = "venet"\n' for name in vhost)
+        if self.own_uid:
+            hostile = hostile.replace(
+                f'devices = ["{device}", "{SINK_DEVICE}"]',
+                f'devices = ["{device}", "{SINK_DEVICE}"{vhost_links}]',
+            )
+        default_devices = (
+            f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"{vhost_links}'
+        )
+        return (
+            vhost_devices
+            + textwrap.dedent(
+                f"""
             [devices.{device}]
             class = "echo"
             [devices.{HIDDEN_DEVICE}]
@@ -243,7 +256,9 @@ class Soak:
             members = ["uid:4242"]
             devices = ["{HIDDEN_DEVICE}"]
             """
-        ) + textwrap.dedent(hostile)
+            )
+            + textwrap.dedent(hostile)
+        )
 
     @property
     def admin_dir(self) -> Path:
@@ -622,6 +637,8 @@ class Soak:
             for key, value in SOAK_LIMITS.items():
                 args += [f"--{key.replace('_', '-')}", str(value)]
             args += ["--sink-device", SINK_DEVICE, "--hugepages", str(self.hugepages)]
+            bus = "hostile" if self.own_uid else "default"
+            args += ["--vhost-dir", str(self.tmp / "run" / "vhost-user" / bus)]
             members = self.admin_dir / "buses" / TRANSIENT_BUS / "members"
             if self.own_uid and os.path.ismount(self.admin_dir) and members.exists():
                 args += ["--members-file", str(members)]
