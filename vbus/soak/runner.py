@@ -56,6 +56,8 @@ __all__ = ["SoakConfig", "run_soak"]
 
 NOBODY = 65534
 EXHAUSTER = 65533  # the uid of the behaviours that exhaust a per-uid bound
+VMM = 65532  # the uid of the hostile vhost-user front-ends
+VMM_BUS = "vmm"
 HIDDEN_DEVICE = "secret0"
 SINK_DEVICE = "sink0"
 TRANSIENT_BUS = "transient"  # no members of its own: a pid rule admits a bad client's child
@@ -226,14 +228,15 @@ class Soak:
             if self.own_uid
             else ""
         )
-        # One venet per vhost-user behaviour, on the bad clients' bus, named after it.
+        # One venet per vhost-user behaviour, named after it.  As root the
+        # hostile VMMs have a uid and a bus of their own: their guests' memory
+        # and their bus membership stay out of the other bad clients' figures.
         vhost = [cls.name for cls in catalogue("vhost_user")]
         vhost_links = "".join(f', "{name}"' for name in vhost)
         vhost_devices = "".join(f'[devices.{name}]\nclass = "venet"\n' for name in vhost)
         if self.own_uid:
-            hostile = hostile.replace(
-                f'devices = ["{device}", "{SINK_DEVICE}"]',
-                f'devices = ["{device}", "{SINK_DEVICE}"{vhost_links}]',
+            hostile += (
+                f'[buses.{VMM_BUS}]\nmembers = ["uid:{VMM}"]\ndevices = ["{device}"{vhost_links}]\n'
             )
         default_devices = (
             f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"{vhost_links}'
@@ -608,13 +611,16 @@ class Soak:
         exhaust a per-uid bound get a uid (and a bus) of their own."""
         if not self.own_uid:
             return [(None, "bad", list(self.behaviours))]
-        shared = [c for c in self.behaviours if not c.exhausts_uid]
-        alone = [c for c in self.behaviours if c.exhausts_uid]
+        vmms = [c for c in self.behaviours if c.connector == "vhost_user"]
+        shared = [c for c in self.behaviours if not c.exhausts_uid and c not in vmms]
+        alone = [c for c in self.behaviours if c.exhausts_uid and c not in vmms]
         groups: list[tuple[int | None, str, list[type[Misbehaviour]]]] = []
         if shared:
             groups.append((NOBODY, "bad", shared))
         if alone:
             groups.append((EXHAUSTER, "bad-exhaust", alone))
+        if vmms:
+            groups.append((VMM, "bad-vmm", vmms))
         return groups
 
     def bad_args(self, group: list[type[Misbehaviour]], uid: int | None) -> list[str]:
@@ -637,7 +643,7 @@ class Soak:
             for key, value in SOAK_LIMITS.items():
                 args += [f"--{key.replace('_', '-')}", str(value)]
             args += ["--sink-device", SINK_DEVICE, "--hugepages", str(self.hugepages)]
-            bus = "hostile" if self.own_uid else "default"
+            bus = {NOBODY: "hostile", EXHAUSTER: "exhaust", VMM: VMM_BUS}.get(uid or -1, "default")
             args += ["--vhost-dir", str(self.tmp / "run" / "vhost-user" / bus)]
             members = self.admin_dir / "buses" / TRANSIENT_BUS / "members"
             if self.own_uid and os.path.ismount(self.admin_dir) and members.exists():
