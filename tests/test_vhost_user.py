@@ -305,3 +305,23 @@ def test_a_kick_storm_harms_nobody_else(vbusd: Callable[..., Daemon], tmp_path: 
         assert wait_for(lambda: b.drivers[RX].used_idx() >= 1)
         assert b.u64(Request.GET_FEATURES) and a.u64(Request.GET_FEATURES)
         assert kicks > 1000
+
+
+def test_disabling_a_ring_stops_the_device_and_enabling_resumes_it(
+    vbusd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = daemon_with(vbusd, tmp_path, TOPOLOGY, "--no-admin")
+    with Frontend(sock(daemon, "v0")) as a, Frontend(sock(daemon, "v1")) as b:
+        a.start()
+        b.start()
+        post_rx(b)
+        b.send(Request.SET_VRING_ENABLE, wire.vring_state(RX, 0))
+        assert wait_for(lambda: daemon.log().count('"vhost_user.device_stopped"') == 1)
+        send_frame(a, frame(BROADCAST, MAC_A))  # b's link is down: dropped
+        assert a.u64(Request.GET_FEATURES)
+        b.send(Request.SET_VRING_ENABLE, wire.vring_state(RX, 1))
+        assert wait_for(lambda: daemon.log().count('"vhost_user.device_started"') == 3)
+        send_frame(a, frame(BROADCAST, MAC_A, b"again" * 10))
+        assert wait_for(lambda: b.drivers[RX].used_idx() >= 1)
+        (got,) = received(b)
+        assert got[12:] == frame(BROADCAST, MAC_A, b"again" * 10)

@@ -367,6 +367,13 @@ class VhostUserConnector:
                         _close(fd for fd in msg.fds if fd not in claimed)
             except ProtocolError as exc:
                 self._drop(frontend, f"protocol violation: {exc.message}")
+            except Exception as exc:  # a bug here: this front-end only, never the loop
+                log.error(
+                    "vhost_user.internal_error",
+                    frontend=frontend.id,
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
+                self._drop(frontend, "internal error")
 
     def _handle(self, frontend: _Frontend, msg: wire.Message, claimed: set[int]) -> None:
         effects = frontend.backend.handle(msg)
@@ -424,6 +431,8 @@ class VhostUserConnector:
             if effect.reply:
                 self._send(frontend, frontend.backend.stopped(effect.index, ring.next_avail))
         elif isinstance(effect, wire.Enable):
+            if not effect.enabled:
+                self._stop_device(frontend)  # "started but disabled" is served as stopped
             frontend.rings[effect.index].enabled = effect.enabled
         elif isinstance(effect, wire.Status):
             if effect.status == 0:
