@@ -49,7 +49,7 @@ from vbus.core.model import RevokeKind, Topology
 from vbus.core.resources import Ledger
 from vbus.errors import Invalid, ProtocolError, VbusError
 from vbus.log import get_logger
-from vbus.memory import GuestMemory
+from vbus.memory import DEFAULT_MAX_GUEST, GuestMemory
 from vbus.procfs import ProcTasks
 from vbus.signal import SharedEventfd
 from vbus.vhost import wire
@@ -494,7 +494,7 @@ class VhostUserConnector:
                     (fd, r.guest, r.size, r.offset)
                     for fd, r in zip(table.fds, table.regions, strict=True)
                 ],
-                max_size=self.limits.max_region,
+                max_size=DEFAULT_MAX_GUEST,  # the ledger bounds it per VMM and per uid
                 admit=admit,
             )
         except BaseException:
