@@ -325,3 +325,14 @@ def test_disabling_a_ring_stops_the_device_and_enabling_resumes_it(
         assert wait_for(lambda: b.drivers[RX].used_idx() >= 1)
         (got,) = received(b)
         assert got[12:] == frame(BROADCAST, MAC_A, b"again" * 10)
+
+
+def test_socket_paths_longer_than_sun_path_work(
+    vbusd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    text = TOPOLOGY.replace("v0", "a_device_with_a_rather_long_name_0")
+    daemon = daemon_with(vbusd, tmp_path, text, "--no-admin")
+    path = sock(daemon, "a_device_with_a_rather_long_name_0")
+    assert len(path) > 108 and os.path.exists(path)
+    with Frontend(path) as front:
+        assert front.start()

@@ -37,7 +37,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from vbus.signal import SharedEventfd
 from vbus.vhost import wire
 from vbus.vhost.virtq import F_EVENT_IDX, F_INDIRECT_DESC, VirtQueue
 
-__all__ = ["VhostUserConnector", "socket_path"]
+__all__ = ["VhostUserConnector", "bind_unix", "socket_path"]
 
 log = get_logger("vbus.vhost_user")
 
@@ -68,6 +68,26 @@ RING_FEATURES = F_EVENT_IDX | F_INDIRECT_DESC  # what the virtqueue adds to ever
 
 def socket_path(run_dir: Path, bus: str, device: str) -> Path:
     return run_dir / "vhost-user" / bus / f"{device}.sock"
+
+
+_SUN_PATH = 107  # bytes of sockaddr_un.sun_path, less its NUL
+
+
+def bind_unix(sock: socket.socket, path: Path) -> None:
+    """Bind to ``path`` even where it is longer than sun_path allows: through
+    the directory's /proc/self/fd link (a run directory may be deep)."""
+    _via_dir(sock.bind, path)
+
+
+def _via_dir(call: Callable[[str], None], path: Path) -> None:
+    if len(os.fsencode(path)) <= _SUN_PATH:
+        call(str(path))
+        return
+    dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        call(f"/proc/self/fd/{dirfd}/{path.name}")
+    finally:
+        os.close(dirfd)
 
 
 @dataclass(slots=True)
@@ -230,13 +250,13 @@ class VhostUserConnector:
             path.parent.mkdir(mode=0o755, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # left by a daemon that was killed
-            sock.bind(str(path))
+            bind_unix(sock, path)
             os.chmod(path, 0o666)  # admittance is decided by member rules, not modes
             sock.listen(16)
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
-            log.error("vhost_user.listen_failed", socket=str(path), reason=exc.strerror)
+            log.error("vhost_user.listen_failed", socket=str(path), reason=exc.strerror or str(exc))
             return
         listener = _Listener(bus, device, path, sock)
         self.listeners[(bus, device)] = listener

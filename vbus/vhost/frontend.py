@@ -33,6 +33,20 @@ F_INDIRECT_DESC: Final = 1 << 28
 F_MRG_RXBUF: Final = 1 << 15
 
 
+def _connect(sock: socket.socket, path: str) -> None:
+    """Connect however long ``path`` is: through its directory's /proc/self/fd
+    link where it is longer than sun_path allows."""
+    if len(os.fsencode(path)) <= 107:
+        sock.connect(path)
+        return
+    head, name = os.path.split(path)
+    dirfd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sock.connect(f"/proc/self/fd/{dirfd}/{name}")
+    finally:
+        os.close(dirfd)
+
+
 class Frontend:
     """One front-end connection with ``size`` bytes of guest RAM at guest-physical 0."""
 
@@ -40,7 +54,7 @@ class Frontend:
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.sock.settimeout(timeout)
-        self.sock.connect(path)
+        _connect(self.sock, path)
         self.memfd, self.mapping = create_memfd("guest-ram", size)
         self.ram = GuestRam(self.mapping, 0)
         self.ram.top = 4096  # keep guest-physical 0 unused
