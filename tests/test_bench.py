@@ -155,3 +155,15 @@ def test_every_subject_is_discovered_with_a_consistent_shape() -> None:
         assert subject.primary in {f.key for f in subject.figures}, subject.name
         assert len(set(names)) == len(names), subject.name
         subject.params(quick=True)
+
+
+def test_subjects_that_boot_vms_run_only_when_named() -> None:
+    from vbus.bench.runner import select_subjects
+
+    assert "vhost_user" not in {s.name for s in select_subjects(())}
+    (only,) = select_subjects(("vhost_user",))
+    assert only.on_request and {v.name for v in only.variants} == {
+        "vbus",
+        "vbus-no-event-idx",
+        "qemu-tap",
+    }

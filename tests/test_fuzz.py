@@ -76,7 +76,7 @@ def test_targets_reach_past_the_handshake() -> None:
     assert frames == [(hello, 0)]
     session = protocol.ServerSession()
     assert isinstance(session.receive(*frames[0])[1], protocol.Hello)
-    assert set(TARGETS) == {"wire", "session", "ring", "xenstore"}
+    assert set(TARGETS) == {"wire", "session", "ring", "xenstore", "vhost_wire"}
 
 
 # Inputs a fuzzer once produced, kept as regression cases (none has failed so far;

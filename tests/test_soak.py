@@ -39,9 +39,19 @@ TOPOLOGY = """
 class = "echo"
 [devices.secret0]
 class = "echo"
+[devices.vhost_garbage]
+class = "venet"
+[devices.vhost_bad_table]
+class = "venet"
+[devices.vhost_bad_ring]
+class = "venet"
+[devices.vhost_ring_fault]
+class = "venet"
+[devices.vhost_kick_storm]
+class = "venet"
 [buses.default]
 members = ["uid:self", "domid:100", "domid:101", "domid:102", "domid:103"]
-devices = ["echo0"]
+devices = ["echo0", "vhost_garbage", "vhost_bad_table", "vhost_bad_ring", "vhost_ring_fault", "vhost_kick_storm"]
 [buses.hidden]
 members = ["uid:4242"]
 devices = ["secret0"]
@@ -78,14 +88,21 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
     "revoked_grants": (("refused while mapped", "served on"), lambda o: o.faults == 0),
     "evtchn_storm": (("coalesced", "still served"), lambda o: o.faults == 0),
     "xenstore_flood": (("ENOSPC", "E2BIG"), lambda o: o.faults == 2),
+    "vhost_garbage": (("disconnected",), lambda o: o.faults == 1),
+    "vhost_bad_table": (("nack",), lambda o: o.faults == 1),
+    "vhost_bad_ring": (("nack",), lambda o: o.faults == 1),
+    "vhost_ring_fault": (("NEEDS_RESET",), lambda o: o.faults == 1),
+    "vhost_kick_storm": (("absorbed",), lambda o: o.faults == 0),
 }
 
 
 def test_the_catalogue_is_complete_and_selectable() -> None:
     names = [cls.name for cls in catalogue()]
     assert names == list(EXPECTED)
-    assert CONNECTORS == ("userspace", "xen")
-    assert select("all") == catalogue() == select("userspace") + select("xen")
+    assert CONNECTORS == ("userspace", "xen", "vhost_user")
+    assert (
+        select("all") == catalogue() == select("userspace") + select("xen") + select("vhost_user")
+    )
     assert [c.name for c in select("stall, crash,stall")] == ["stall", "crash"]
     with pytest.raises(ValueError, match="unknown misbehaviour 'nope'"):
         select("stall,nope")
@@ -139,6 +156,7 @@ async def _next_to_a_good_client(daemon: Daemon, cls: type[Misbehaviour]) -> Non
         cap_safe=True,  # the good client is connected before the caps are hit
         timeout=5.0,
         read_log=daemon.log,
+        vhost_dir=daemon.run_dir / "vhost-user" / "default",
     )
     reason = cls.unavailable(ctx) or (
         "it exhausts a per-uid bound the good client shares" if cls.exhausts_uid else None

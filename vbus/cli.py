@@ -159,7 +159,11 @@ def _add_bench(sub: Any) -> None:
     bench.add_argument(
         "--rounds", type=_positive(int), help="rounds per variant (default 3; 1 with --quick)"
     )
-    bench.add_argument("--only", default="", help="comma-separated subjects (default: all)")
+    bench.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subjects (default: all but those run on request: vhost_user)",
+    )
     bench.add_argument("--json", type=Path, help="write every figure and the machine to FILE")
     bench.add_argument("--plot", type=Path, help="bar chart of the ratios to FILE.png")
     bench.add_argument(

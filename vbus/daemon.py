@@ -31,6 +31,7 @@ from vbus.admin.mount import AdminMount, mount_admin_tree
 from vbus.admin.state import StateStore, default_state_path
 from vbus.connectors.base import Connector, Limits
 from vbus.connectors.userspace import UserspaceConnector
+from vbus.connectors.vhost_user import VhostUserConnector
 from vbus.connectors.xen import XenConnector
 from vbus.core.config import apply_config, check_config, default_config_text, load_config_text
 from vbus.core.model import Topology
@@ -347,6 +348,7 @@ async def serve(args: argparse.Namespace) -> int:
     connectors: list[Connector] = [
         UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger),
         XenConnector(topology, run_dir / "xen.sock", loop, xenstore, limits, ledger),
+        VhostUserConnector(topology, run_dir, loop, limits, tasks, ledger),
     ]
     try:
         _clear_stale_socket(sock_path)

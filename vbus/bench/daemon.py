@@ -60,11 +60,13 @@ class BenchDaemon:
         args: Sequence[str] = (),
         wrap: Sequence[str] = (),
         log_level: str = "warning",
+        topology: str = BENCH_TOPOLOGY,
     ) -> None:
         self.loop = loop
         self.args = list(args)
         self.wrap = list(wrap)
         self.log_level = log_level
+        self.topology = topology
         self.dir = Path(tempfile.mkdtemp(prefix="vbus-bench-"))
         self.run_dir = self.dir / "run"
         self.socket = self.run_dir / "vbus.sock"
@@ -74,7 +76,7 @@ class BenchDaemon:
 
     def start(self, timeout: float = 30.0) -> BenchDaemon:
         config = self.dir / "topology.toml"
-        config.write_text(BENCH_TOPOLOGY)
+        config.write_text(self.topology)
         notify_path = self.dir / "notify.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         notify.bind(str(notify_path))

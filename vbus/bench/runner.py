@@ -269,7 +269,7 @@ def _describe_run(subject: Subject, run: RunResult) -> str:
 def select_subjects(only: tuple[str, ...]) -> list[Subject]:
     subjects = discover()
     if not only:
-        return subjects
+        return [s for s in subjects if not s.on_request]
     names = {s.name for s in subjects}
     unknown = [name for name in only if name not in names]
     if unknown:

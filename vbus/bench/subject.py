@@ -93,6 +93,8 @@ class Subject:
     figures: ClassVar[tuple[Figure, ...]]
     primary: ClassVar[str]  # the figure ratios and the plot use
     baseline: ClassVar[str]  # ratios are variant / baseline on ``primary``
+    # Run only when named (``vbus bench NAME``): boots VMs, takes minutes.
+    on_request: ClassVar[bool] = False
 
     def params(self, quick: bool) -> Params:
         """Run parameters (message counts, durations); the runner adds ``loop``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from vbus.core.model import Connection, Device
     from vbus.queue import Queue
 
-__all__ = ["Attribute", "DeviceModel", "Session"]
+__all__ = ["Attribute", "DeviceModel", "Session", "VirtioMapping", "VirtioQueue"]
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -100,6 +100,42 @@ class Attribute:
         return str(value)
 
 
+@dataclass(frozen=True, slots=True)
+class VirtioQueue:
+    """One virtqueue of a virtio mapping: the device queue it is, its direction."""
+
+    index: int  # the device's queue index (``Session.shm``)
+    writable: bool  # south->north: the driver posts room the device fills
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioMapping:
+    """How a device appears as a virtio device (vhost-user; docs/design.md 4.7).
+
+    ``device_id`` is the virtio device id (1: network), ``features`` the
+    device-type feature bits offered (VIRTIO_F_VERSION_1 included; ring and
+    transport bits are the connector's), ``config`` the device's config
+    space as it is now, ``queues`` the virtqueues in virtio order.  The
+    three hooks take the session the connector opened: ``negotiate`` gets
+    the driver's device-type bits and returns the smallest writable buffer
+    a south->north queue needs for one message (0: any size), ``activate``
+    and ``deactivate`` run when the driver starts and stops the rings.  Each
+    may raise ``VbusError`` to refuse.
+    """
+
+    device_id: int
+    features: int
+    config: bytes
+    queues: tuple[VirtioQueue, ...]
+    negotiate: Callable[[Session, int], int]
+    activate: Callable[[Session], None]
+    deactivate: Callable[[Session], None]
+    # A feature bit the queue implements, not the device: buffers merged
+    # across several chains, their count a u16 at ``merge[1]`` in the first
+    # (virtio-net's MRG_RXBUF and num_buffers).  Offered with ``features``.
+    merge: tuple[int, int] | None = None
+
+
 class Session:
     """One north connection's open handle on a device, seen from the device.
 
@@ -177,6 +213,10 @@ class DeviceModel(ABC):
 
     def destroy(self) -> None:  # noqa: B027 - optional hook
         """The device is being destroyed; no session is open any more."""
+
+    def virtio(self) -> VirtioMapping | None:
+        """The device as a virtio device, or None if it has no such form."""
+        return None
 
     @classmethod
     def attribute(cls, name: str) -> Attribute:

@@ -294,6 +294,9 @@ class Topology:
         self._connection_ids = itertools.count(1)
         self._member_ids = itertools.count(1)
         self._undo: list[Callable[[], None]] | None = None
+        # Called after a link, an unlink or a bus removal: connectors that
+        # serve devices by their links (vhost-user) follow the topology.
+        self.link_watchers: list[Callable[[], None]] = []
 
     # --- transactions -------------------------------------------------------
     @contextmanager
@@ -455,6 +458,7 @@ class Topology:
             self._members.discard(rule)
         del self._buses[name]
         self._log.info("bus.removed", bus=name, forced=force)
+        self._links_changed()
 
     def link(self, bus: str, device: str, *, id: int | None = None) -> int:
         """Link ``device`` to ``bus``; returns the id it has there (``id`` when
@@ -476,6 +480,7 @@ class Topology:
         dev.buses.add(b.name)
         self._on_undo(lambda: self.unlink(bus, device))
         self._log.info("bus.linked", bus=bus, device=device, id=id)
+        self._links_changed()
         return id
 
     def unlink(self, bus: str, device: str) -> None:
@@ -491,6 +496,11 @@ class Topology:
         del b.by_id[b.ids.pop(device)]
         dev.buses.discard(b.name)
         self._log.info("bus.unlinked", bus=bus, device=device)
+        self._links_changed()
+
+    def _links_changed(self) -> None:
+        for watcher in list(self.link_watchers):
+            watcher()
 
     def devices_on(self, bus: Bus | str) -> list[Device]:
         """The devices linked to ``bus``, sorted by their id on it."""

@@ -32,12 +32,13 @@ import errno
 import os
 import re
 import secrets
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from vbus.core.device import Attribute, DeviceModel, Session
+from vbus.core.device import Attribute, DeviceModel, Session, VirtioMapping, VirtioQueue
 from vbus.errors import Busy, Invalid, NotPermitted, NotSupported, VbusError
 from vbus.log import get_logger
 from vbus.net import tap as taplib
@@ -736,7 +737,37 @@ class Venet(DeviceModel):
         out["switch_macs"] = len(switch.table) if switch is not None else 0
         return out
 
+    def virtio(self) -> VirtioMapping:
+        """virtio-net (device id 1): the frames already are virtio_net_hdr_v1
+        and Ethernet.  Virtqueue 0 (receiveq1) is queue 1 (rx), virtqueue 1
+        (transmitq1) is queue 0 (tx)."""
+        return VirtioMapping(
+            device_id=1,
+            features=OFFERED,
+            # struct virtio_net_config: mac, status (LINK_UP), max_virtqueue_pairs, mtu
+            config=_VIRTIO_CONFIG.pack(self.mac, 1, 1, self.mtu),
+            queues=(VirtioQueue(QUEUE_RX, True), VirtioQueue(QUEUE_TX, False)),
+            negotiate=_virtio_negotiate,
+            activate=lambda session: _virtio_call(session, CALL_LINK_UP),
+            deactivate=lambda session: _virtio_call(session, CALL_LINK_DOWN),
+            merge=(1 << 15, 10),
+        )
+
     def destroy(self) -> None:
         if self.tap is not None:
             self.tap.close()
             self.tap = None
+
+
+_VIRTIO_CONFIG = struct.Struct("<6sHHH")
+
+
+def _virtio_call(session: Session, func: int) -> None:
+    session.call(func, b"")
+
+
+def _virtio_negotiate(session: Session, features: int) -> int:
+    reply = session.call(CALL_NEGOTIATE, U64.pack(features))
+    assert isinstance(reply, bytes)
+    size: int = NEGOTIATED.unpack(reply)[1]
+    return size

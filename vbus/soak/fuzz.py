@@ -21,6 +21,11 @@ fuzzer, and raises AssertionError (or anything unexpected) on a finding:
   ProtocolError escapes, every request gets exactly one reply of its own
   type or ERROR (a name from Xen's list) with its req_id and tx_id, and
   the tree stays whole (every child a node, every node its parent's child).
+- ``vhost_wire``: a vhost-user byte stream, cut into chunks that carry
+  descriptors, through ``vbus.vhost.wire``'s ``Parser`` and ``Backend``:
+  only ProtocolError escapes, replies are well formed, effects claim only
+  their message's descriptors, the memory table never overlaps and a started
+  ring lies inside it.
 
 ``python -m vbus.soak.fuzz [--seconds N] [--engine atheris|hypothesis] [TARGET...]``
 runs each target for N seconds: with atheris (libFuzzer, coverage-guided) when
@@ -46,6 +51,7 @@ from vbus.errors import Fault, Invalid, NotSupported, ProtocolError, TooBig, Vbu
 from vbus.ioq import IoqNorth, IoqSouth, pool_layout
 from vbus.memory import BufferMemory
 from vbus.queue import Buffer
+from vbus.vhost import wire as vwire
 from vbus.xen import xenstore, xswire
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "main",
     "ring_target",
     "session_target",
+    "vhost_wire_target",
     "wire_target",
     "xenstore_target",
 ]
@@ -324,11 +331,72 @@ def xenstore_target(data: bytes) -> None:
             assert leaf in nodes[xenstore._parent(path)].children, f"{path} is an orphan"
 
 
+# --- vhost-user ----------------------------------------------------------------------------
+
+
+def vhost_wire_target(data: bytes) -> None:
+    """A vhost-user byte stream, cut into chunks with descriptors attached,
+    through ``Parser`` and ``Backend``: only ProtocolError escapes; every
+    reply is a well-formed reply; effects name only descriptors of their own
+    message; the memory table never overlaps; a started ring has a
+    power-of-two size and lies, aligned, inside the table."""
+    if not data:
+        return
+    control, stream = data[0], data[1:]
+    backend = vwire.Backend((1 << 32) | (1 << 29) | (1 << 28), config=bytes(10))
+    parser = vwire.Parser()
+    chunk = 1 + control % 61
+    next_fd = 100
+    for at in range(0, len(stream), chunk):
+        nfds = stream[at] % 3 if control & 0x80 else 0
+        fds = tuple(range(next_fd, next_fd + nfds))
+        next_fd += nfds
+        try:
+            messages = parser.feed(stream[at : at + chunk], fds)
+        except ProtocolError:
+            return
+        for msg in messages:
+            try:
+                effects = backend.handle(msg)
+            except ProtocolError:
+                return
+            _check_vhost_effects(backend, msg, effects)
+
+
+def _check_vhost_effects(
+    backend: vwire.Backend, msg: vwire.Message, effects: list[vwire.Effect]
+) -> None:
+    for effect in effects:
+        if isinstance(effect, vwire.Reply):
+            req, _payload = vwire.parse_reply(effect.data)
+            assert req == msg.request, "a reply to another request"
+        if isinstance(effect, vwire.MemTable):
+            assert set(effect.fds) <= set(msg.fds)
+            assert len(effect.fds) == len(effect.regions)
+        if (
+            isinstance(effect, vwire.SetKick | vwire.SetCall | vwire.SetErr)
+            and effect.fd is not None
+        ):
+            assert effect.fd in msg.fds
+        if isinstance(effect, vwire.StartRing):
+            ring = effect.ring
+            assert 0 < ring.num <= vwire.MAX_RING and not ring.num & (ring.num - 1)
+            guest = [(r.guest, r.guest + r.size) for r in backend.regions]
+            for addr, length in (
+                (ring.desc, 16 * ring.num),
+                (ring.avail, 6 + 2 * ring.num),
+                (ring.used, 6 + 8 * ring.num),
+            ):
+                assert any(lo <= addr and addr + length <= hi for lo, hi in guest), "ring outside"
+    vwire.check_regions(backend.regions)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "wire": wire_target,
     "session": session_target,
     "ring": ring_target,
     "xenstore": xenstore_target,
+    "vhost_wire": vhost_wire_target,
 }
 
 

@@ -48,7 +48,7 @@ from typing import Any, TextIO
 import vbus
 from vbus.client import Bus, connect
 from vbus.errors import VbusError
-from vbus.soak.catalogue import Misbehaviour, Outcome, select
+from vbus.soak.catalogue import Misbehaviour, Outcome, catalogue, select
 from vbus.soak.catalogue.userspace import free_hugepages, resolve_crash
 from vbus.soak.report import check_bounds, percentile, render, summarise_outcomes
 
@@ -56,6 +56,8 @@ __all__ = ["SoakConfig", "run_soak"]
 
 NOBODY = 65534
 EXHAUSTER = 65533  # the uid of the behaviours that exhaust a per-uid bound
+VMM = 65532  # the uid of the hostile vhost-user front-ends
+VMM_BUS = "vmm"
 HIDDEN_DEVICE = "secret0"
 SINK_DEVICE = "sink0"
 XEN_DOMIDS = tuple(range(100, 108))  # hostile domains, on a bus linking the bad clients' device
@@ -233,10 +235,24 @@ class Soak:
             if self.own_uid
             else ""
         )
-        default_devices = f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"'
+        # One venet per vhost-user behaviour, named after it.  As root the
+        # hostile VMMs have a uid and a bus of their own: their guests' memory
+        # and their bus membership stay out of the other bad clients' figures.
+        vhost = [cls.name for cls in catalogue("vhost_user")]
+        vhost_links = "".join(f', "{name}"' for name in vhost)
+        vhost_devices = "".join(f'[devices.{name}]\nclass = "venet"\n' for name in vhost)
+        if self.own_uid:
+            hostile += (
+                f'[buses.{VMM_BUS}]\nmembers = ["uid:{VMM}"]\ndevices = ["{device}"{vhost_links}]\n'
+            )
+        default_devices = (
+            f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"{vhost_links}'
+        )
         default_members = '"uid:self"' if self.own_uid else f'"uid:self", {domids}'
-        return textwrap.dedent(
-            f"""
+        return (
+            vhost_devices
+            + textwrap.dedent(
+                f"""
             [devices.{device}]
             class = "echo"
             [devices.{HIDDEN_DEVICE}]
@@ -251,7 +267,9 @@ class Soak:
             members = ["uid:4242"]
             devices = ["{HIDDEN_DEVICE}"]
             """
-        ) + textwrap.dedent(hostile)
+            )
+            + textwrap.dedent(hostile)
+        )
 
     @property
     def admin_dir(self) -> Path:
@@ -602,8 +620,10 @@ class Soak:
         if not self.own_uid:
             return [(None, "bad", list(self.behaviours))]
         domains = [c for c in self.behaviours if c.connector == "xen"]
-        shared = [c for c in self.behaviours if not c.exhausts_uid and c not in domains]
-        alone = [c for c in self.behaviours if c.exhausts_uid and c not in domains]
+        vmms = [c for c in self.behaviours if c.connector == "vhost_user"]
+        own = domains + vmms
+        shared = [c for c in self.behaviours if not c.exhausts_uid and c not in own]
+        alone = [c for c in self.behaviours if c.exhausts_uid and c not in own]
         groups: list[tuple[int | None, str, list[type[Misbehaviour]]]] = []
         if shared:
             groups.append((NOBODY, "bad", shared))
@@ -611,6 +631,8 @@ class Soak:
             groups.append((EXHAUSTER, "bad-exhaust", alone))
         if domains:  # attaching as a domain is the toolstack's (xen.sock is 0600)
             groups.append((None, "bad-xen", domains))
+        if vmms:
+            groups.append((VMM, "bad-vmm", vmms))
         return groups
 
     def bad_args(self, group: list[type[Misbehaviour]], uid: int | None) -> list[str]:
@@ -633,6 +655,8 @@ class Soak:
             for key, value in SOAK_LIMITS.items():
                 args += [f"--{key.replace('_', '-')}", str(value)]
             args += ["--sink-device", SINK_DEVICE, "--hugepages", str(self.hugepages)]
+            bus = {NOBODY: "hostile", EXHAUSTER: "exhaust", VMM: VMM_BUS}.get(uid or -1, "default")
+            args += ["--vhost-dir", str(self.tmp / "run" / "vhost-user" / bus)]
             members = self.admin_dir / "buses" / TRANSIENT_BUS / "members"
             if self.own_uid and os.path.ismount(self.admin_dir) and members.exists():
                 args += ["--members-file", str(members)]

@@ -130,6 +130,7 @@ async def run_bad(args: argparse.Namespace) -> int:
         seed=args.seed,
         own_bus=args.own_bus,
         sink_device=args.sink_device or None,
+        vhost_dir=Path(args.vhost_dir) if args.vhost_dir else None,
         max_shm_per_peer=args.max_shm_per_peer,
         max_shm_per_uid=args.max_shm_per_uid,
         max_fds_per_uid=args.max_fds_per_uid,
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     bad.add_argument("--once", action="store_true", help="each behaviour once, then stop")
     bad.add_argument("--own-bus", action="store_true", help="no other clients on its bus")
     bad.add_argument("--sink-device", default="", help="a sink-mode echo device on its bus")
+    bad.add_argument("--vhost-dir", default="", help="its bus's vhost-user socket directory")
     bad.add_argument("--max-shm-per-peer", type=int, help="the daemon's bound, in bytes")
     bad.add_argument("--max-shm-per-uid", type=int, help="the daemon's bound, in bytes")
     bad.add_argument("--max-fds-per-uid", type=int, help="the daemon's bound")

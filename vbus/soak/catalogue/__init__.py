@@ -16,10 +16,10 @@ to a per-uid bound, so it runs under a uid that no other client uses.
 
 Extension point: a connector's catalogue is a module here that exports
 ``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
-``_MODULES``: ``userspace.py`` (hostile processes) and ``xen.py`` (hostile
-domains, which need ``xen_socket`` and a pool of admitted ``xen_domids``).
-Hostile KVM guests (``kvm.py``) go beside them when that connector exists;
-a connector's ``Context`` needs are optional fields below.
+``_MODULES``: ``userspace.py`` (hostile processes), ``xen.py`` (hostile
+domains, which need ``xen_socket`` and a pool of admitted ``xen_domids``) and
+``vhost_user.py`` (hostile VMMs, which need ``vhost_dir``).  A connector's
+``Context`` needs are optional fields below.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ Expect: TypeAlias = Literal[
 _MODULES: dict[str, str] = {
     "userspace": "vbus.soak.catalogue.userspace",
     "xen": "vbus.soak.catalogue.xen",
+    "vhost_user": "vbus.soak.catalogue.vhost_user",
 }
 CONNECTORS: tuple[str, ...] = tuple(_MODULES)
 
@@ -103,6 +104,9 @@ class Context:
     # to the bus of ``device`` (a hostile domain attaches under one of them).
     xen_socket: Path | None = None
     xen_domids: tuple[int, ...] = ()
+    # The vhost-user socket directory of the bad clients' bus, with one venet
+    # per vhost_user behaviour, named after it (None: those cannot run).
+    vhost_dir: Path | None = None
     rng: random.Random = field(init=False)
     gate: asyncio.Lock = field(init=False)  # connects vs. bursts of half-open sockets
     _free_domids: list[int] = field(init=False)
