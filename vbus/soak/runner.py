@@ -60,6 +60,9 @@ HIDDEN_DEVICE = "secret0"
 SINK_DEVICE = "sink0"
 TRANSIENT_BUS = "transient"  # no members of its own: a pid rule admits a bad client's child
 HUGEPAGES = 4  # set aside (as root) for the hugetlb behaviour
+# venets of one switch on the bad clients' bus, for the venet catalogue: its
+# instances take up to four each, witness included.
+VENETS = tuple(f"vnet{i}" for i in range(12))
 # Limits of the daemon the soak starts: tight enough that the caps are reached
 # cheaply, and stated in the JSON.  The good clients hold a few hundred KiB of
 # shared memory and a few dozen descriptors: far from the bounds.
@@ -211,12 +214,13 @@ class Soak:
     # --- the daemon ------------------------------------------------------------------
     def topology(self) -> str:
         device = self.cfg.device
+        venets = ", ".join(f'"{name}"' for name in VENETS)
         # The sink is on the bad clients' bus only: the good clients' bus stays as it was.
         hostile = (
             f"""
             [buses.hostile]
             members = ["uid:{NOBODY}"]
-            devices = ["{device}", "{SINK_DEVICE}"]
+            devices = ["{device}", "{SINK_DEVICE}", {venets}]
             [buses.exhaust]
             members = ["uid:{EXHAUSTER}"]
             devices = ["{device}"]
@@ -227,8 +231,15 @@ class Soak:
             else ""
         )
         default_devices = f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"'
-        return textwrap.dedent(
-            f"""
+        if not self.own_uid:
+            default_devices += f", {venets}"
+        venet_devices = "".join(
+            f'[devices.{name}]\nclass = "venet"\nbackend = "switch:soak"\n' for name in VENETS
+        )
+        return (
+            venet_devices
+            + textwrap.dedent(
+                f"""
             [devices.{device}]
             class = "echo"
             [devices.{HIDDEN_DEVICE}]
@@ -243,7 +254,9 @@ class Soak:
             members = ["uid:4242"]
             devices = ["{HIDDEN_DEVICE}"]
             """
-        ) + textwrap.dedent(hostile)
+            )
+            + textwrap.dedent(hostile)
+        )
 
     @property
     def admin_dir(self) -> Path:
@@ -622,6 +635,7 @@ class Soak:
             for key, value in SOAK_LIMITS.items():
                 args += [f"--{key.replace('_', '-')}", str(value)]
             args += ["--sink-device", SINK_DEVICE, "--hugepages", str(self.hugepages)]
+            args += ["--venets", ",".join(VENETS)]
             members = self.admin_dir / "buses" / TRANSIENT_BUS / "members"
             if self.own_uid and os.path.ismount(self.admin_dir) and members.exists():
                 args += ["--members-file", str(members)]

@@ -134,6 +134,7 @@ async def run_bad(args: argparse.Namespace) -> int:
         hugepages=args.hugepages,
         members_fd=args.members_fd,
         hold=args.hold,
+        venets=tuple(v for v in args.venets.split(",") if v),
         on_note=lambda behaviour, what: emit("note", behaviour=behaviour, what=what),
     )
     behaviours = []
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "privileges are dropped",
     )
     bad.add_argument("--hold", type=float, default=0.2, help="seconds a reached bound is kept")
+    bad.add_argument("--venets", default="", help="venet devices of one switch on its bus")
     return parser
 
 

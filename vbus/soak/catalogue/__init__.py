@@ -16,9 +16,10 @@ to a per-uid bound, so it runs under a uid that no other client uses.
 
 Extension point: a connector's catalogue is a module here that exports
 ``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
-``_MODULES``.  Hostile KVM guests (``kvm.py``) and hostile domUs
-(``xen.py``) go next to ``userspace.py`` when those connectors exist; their
-``Context`` needs are added as optional fields below.
+``_MODULES``.  Bad venet norths (``venet.py``) are a catalogue of their
+own.  Hostile KVM guests (``kvm.py``) and hostile domUs (``xen.py``) go next
+to ``userspace.py`` when those connectors exist; their ``Context`` needs are
+added as optional fields below.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ Expect: TypeAlias = Literal[
 ]
 
 # connector -> module with its CATALOGUE, in the order of the report
-_MODULES: dict[str, str] = {"userspace": "vbus.soak.catalogue.userspace"}
+_MODULES: dict[str, str] = {
+    "userspace": "vbus.soak.catalogue.userspace",
+    "venet": "vbus.soak.catalogue.venet",
+}
 CONNECTORS: tuple[str, ...] = tuple(_MODULES)
 
 
@@ -94,6 +98,8 @@ class Context:
     # Resolves detections only the daemon's log can time (a SIGKILLed client
     # sees nothing): returns the log text, or None where it is not readable.
     read_log: Callable[[], str] | None = None
+    # venet devices of one switch on the bad client's bus (the venet catalogue's ports).
+    venets: tuple[str, ...] = ()
     rng: random.Random = field(init=False)
     gate: asyncio.Lock = field(init=False)  # connects vs. bursts of half-open sockets
 
