@@ -36,7 +36,14 @@ from vbus.net.calls import (
     U64,
 )
 from vbus.net.switch import DEFAULT_MAX_MACS_PER_PORT
-from vbus.net.vnet import F_VERSION_1, GSO_TCPV4, HDR_NEEDS_CSUM, header, max_plain_frame
+from vbus.net.vnet import (
+    F_VERSION_1,
+    GSO_TCPV4,
+    HDR_NEEDS_CSUM,
+    HDR_SIZE,
+    header,
+    max_plain_frame,
+)
 from vbus.soak.catalogue import Context, Misbehaviour, Outcome, Unexpected
 from vbus.soak.catalogue.userspace import await_fault, expect_ok, handle_is_gone, member
 from vbus.soak.wire import HandRing, WireClient
@@ -58,7 +65,7 @@ WITNESS_P99 = 0.5  # seconds: the witness's round trip bound (a noisy, shared ma
 WITNESS_WAIT = 2.0  # seconds a witness ping may take before it counts as lost
 _COUNT = 64  # descriptors per ring of a bad port
 _WITNESS_COUNT = 256  # the witness drains floods too: a longer rx ring
-_TX_BUF = 2048  # every frame these norths send fits
+_TX_BUF = 2048  # at least: every frame these norths send fits
 _ETHERTYPE = (0x88B5).to_bytes(2, "big")  # IEEE local experimental
 _BROADCAST = b"\xff" * 6
 _PAYLOAD_AT = 26  # after the 12-byte header and the Ethernet header
@@ -141,7 +148,7 @@ class NetPort:
         _features, rx_size = NEGOTIATED.unpack(_result(negotiated, "negotiate"))
         config = await client.request(protocol.Call(handle, CALL_CONFIG, b""))
         mac, mtu, _link, _neg = CONFIG.unpack(_result(config, "config"))
-        tx = HandRing(count, _TX_BUF)
+        tx = HandRing(count, max(_TX_BUF, HDR_SIZE + max_plain_frame(mtu) + 64))
         stack.callback(tx.close)
         rx = HandRing(count, rx_size)
         stack.callback(rx.close)
@@ -315,16 +322,18 @@ class NoRxBuffers(VenetMisbehaviour):
             sent += sender.send(burst)
             sender.recv()
             await asyncio.sleep(0.01)
-            if detect is None and (await stalled.stats())["rx_stops"] > first["rx_stops"]:
+            # Stopped: frames wait in its backlog (floods from other ports of
+            # a busy switch may have stopped it before this burst).
+            if detect is None and (await stalled.stats())["rx_backlog"]:
                 detect = time.monotonic() - t0
         stats = await stalled.stats()
         backlog = stats["rx_backlog"]
         dropped = stats["rx_drop_ring_full"] - first["rx_drop_ring_full"]
-        if detect is None or backlog > BACKLOG_FRAMES or not dropped:
+        if detect is None or not stats["rx_stops"] or backlog > BACKLOG_FRAMES or not dropped:
             raise Unexpected(f"no bounded backpressure: {stats}")
         if stalled.client.events:
             raise Unexpected(f"a stalled north was punished: {stalled.client.events[0]}")
-        # It posts its buffers at last: the backlog comes through, the port restarts.
+        # It posts its buffers at last: the backlog comes through.
         stalled.rx.north.post_empty(stalled.rx.count)
         stalled.rx.north.signal.notify()
         got = 0
@@ -334,11 +343,8 @@ class NoRxBuffers(VenetMisbehaviour):
             if got >= backlog:
                 break
             await asyncio.sleep(0.002)
-        after = await _settled(
-            stalled, lambda s: s["rx_restarts"] > first["rx_restarts"], ctx.timeout
-        )
-        if got < backlog or after["rx_restarts"] <= first["rx_restarts"]:
-            raise Unexpected(f"after the stall {got}/{backlog} came through: {after}")
+        if got < backlog:
+            raise Unexpected(f"after the stall {got}/{backlog} came through")
         return self.outcome(
             True,
             "backpressure: its backlog bounded, the excess dropped on its own port; resumed",
@@ -359,10 +365,11 @@ class TxGarbage(VenetMisbehaviour):
         rng = ctx.rng
         port = await NetPort.open(stack, ctx, self.name, devices[0])
         dst, src = _local_mac(), port.mac
-        longest = max_plain_frame(port.mtu)
+        longest = max_plain_frame(port.mtu)  # Ethernet bytes; 14 of them are its header
+        room = port.tx.buf_size - _PAYLOAD_AT + 1
         runts = [rng.randbytes(rng.randrange(1, 26)) for _ in range(16)]
         oversize = [
-            header() + dst + src + _ETHERTYPE + rng.randbytes(rng.randrange(longest - 13, 2030))
+            header() + dst + src + _ETHERTYPE + rng.randbytes(rng.randrange(longest - 13, room))
             for _ in range(16)
         ]
         lies = [
@@ -409,7 +416,7 @@ class TxGarbage(VenetMisbehaviour):
 class RxOutOfBounds(VenetMisbehaviour):
     name = "venet_rx_oob"
     expect = "fault"
-    summary = "posts rx buffers pointing outside its memory, then waits without a kick"
+    summary = "posts rx buffers pointing outside its memory"
     ports = 2
 
     async def act(
@@ -434,9 +441,12 @@ class RxOutOfBounds(VenetMisbehaviour):
             bad.rx.write_desc(first + i, ptr=ptr, length=length)
         bad.rx.publish_index(first + 4)
         t0 = time.monotonic()
+        # Posted as any north posts: with a doorbell (a port that floods from
+        # the rest of the switch stopped waits for it).  Then a frame for it:
+        # the device finds the buffers while delivering and faults the
+        # connection at once, with no further move of the bad north.
+        bad.rx.doorbell()
         sender.send([_frame(bad.mac, sender.mac, b"for the bad one")])
-        # No doorbell from the bad north: the device finds the buffers while
-        # delivering and faults the connection at once.
         event = await await_fault(bad.client, bad.handle, ctx.timeout)
         detect = time.monotonic() - t0
         if "outside" not in event.reason and "exceeds" not in event.reason:
