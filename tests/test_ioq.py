@@ -25,6 +25,7 @@ from vbus.ioq import (
     DESC_SIZE,
     HEADER_SIZE,
     MAX_COUNT,
+    SPLIT_FROM,
     IoqNorth,
     IoqSouth,
     format_ring,
@@ -603,6 +604,32 @@ def test_every_broken_descriptor_is_a_fault(
         assert re.search(rf"descriptor {culprit & M32}\b", info.value.message)
     assert bytes(ring.buf) == before  # a fault hands nothing back and writes nothing
     assert ring.south.stats.messages == 0
+
+
+@pytest.mark.parametrize("breakage", ["ptr outside", "ptr+len one past", "ptr+len overflows u64"])
+def test_large_messages_are_copied_out_one_by_one_and_checked(
+    rings: Callable[..., Ring], breakage: str
+) -> None:
+    """read_many copies messages of SPLIT_FROM bytes or more straight out of the
+    north's memory, each once: the same messages, the same bounds checks."""
+    ring = rings(writable=False, buf_size=4096, max_len=4096)
+    north, south = ring.north, ring.south
+    batch = [bytes([i]) * (SPLIT_FROM + 100 * i) for i in range(4)]
+    assert north.send_many(batch) == 4
+    assert south.read_many(8) == batch
+    assert south.stats.bytes == sum(map(len, batch))
+    assert north.send_many(batch) == 4
+    culprit = ring.inuse + 2
+    breaker, message = BREAKAGES[breakage]
+    if isinstance(ring.memory, GuestMemory):
+        message = GUEST_MESSAGES.get(breakage, message)
+    breaker(ring, culprit)
+    before = bytes(ring.buf)
+    with pytest.raises(Fault, match=re.escape(message)) as info:
+        south.read_many(8)
+    assert re.search(rf"descriptor {culprit & M32}\b", info.value.message)
+    assert bytes(ring.buf) == before
+    assert south.stats.messages == 4
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,7 @@ __all__ = [
     "DESC_SIZE",
     "HEADER_SIZE",
     "MAX_COUNT",
+    "SPLIT_FROM",
     "IoqNorth",
     "IoqSouth",
     "format_ring",
@@ -80,6 +81,7 @@ _HEAD = struct.Struct("<IIII")
 _DESC = struct.Struct("<QQQBB6x")
 _ONES = b"\x01" * MAX_COUNT
 _COPY_EACH = 2048  # send_many: messages this long on average are copied one by one
+SPLIT_FROM = 1024  # read_many: messages this long on average are copied out one by one
 _ZEROS = bytes(MAX_COUNT)
 DEFAULT_MAX_LEN = 256 * 1024
 # Bytes the south copies out of one queue per poll: ~50 us of copying, so that
@@ -344,6 +346,15 @@ class IoqSouth(QueueBase):
         is at least half the batch; the rest is the next span).  ``gather``
         takes all ``budget`` messages, joining pieces where they lie apart.
         """
+        data, lens = self._read(budget, gather, split=False)
+        return data, lens  # type: ignore[return-value]
+
+    def _read(
+        self, budget: int, gather: bool, split: bool
+    ) -> tuple[bytes | list[bytes], list[int]]:
+        """``read_span``; with ``split``, messages of ``SPLIT_FROM`` bytes or
+        more on average come back as a list, each copied out of the north's
+        memory once (not into one span first and out of it again)."""
         if self.writable:
             raise Invalid("read_span on a queue the south fills")
         if self._cursor != self._inuse:
@@ -392,8 +403,19 @@ class IoqSouth(QueueBase):
                 del ptrs[n:], lens[n:], expected[n:]
         end = expected[-1] + lens[-1]
         contiguous = ptrs == expected
+        data: bytes | list[bytes]
+        if split and self._guest is None and end - start >= SPLIT_FROM * n:
+            if max(map(add, ptrs, lens)) > self._size:
+                self._find_culprit(raw, first, n)
+            data = [buf[p : p + ln] for p, ln in zip(ptrs, lens, strict=True)]  # type: ignore[misc]
+            self._cursor = (first + n) & _M32
+            self._release(first, n)
+            total = sum(lens)
+            self.stats.bytes += total
+            self._credit -= total
+            return data, lens
         if contiguous and end <= self._size:
-            data: bytes = buf[start:end]  # type: ignore[assignment]
+            data = buf[start:end]  # type: ignore[assignment]
         elif self._guest is None:
             if max(map(add, ptrs, lens)) > self._size:
                 self._find_culprit(raw, first, n)
@@ -451,9 +473,11 @@ class IoqSouth(QueueBase):
 
     def read_many(self, budget: int) -> list[bytes]:
         """North->south: up to ``budget`` payloads, each copied out once."""
-        data, lens = self.read_span(budget, gather=True)
+        data, lens = self._read(budget, True, split=True)
         if not lens:
             return []
+        if isinstance(data, list):
+            return data
         first = lens[0]
         if first and lens.count(first) == len(lens):
             return [data[i : i + first] for i in range(0, len(data), first)]

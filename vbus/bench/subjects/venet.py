@@ -15,9 +15,9 @@ a private /24, warms ARP with a few pings, then measures:
   charged to the iperf3 processes).
 
 Needs root, ``ip``, ``ping``, ``iperf3`` and ``/dev/net/tun``; otherwise the
-variant is unavailable and says which is missing.  ``profile`` (from
-``vbus bench --profile DIR``) runs the daemon and both taps under cProfile
-and writes one ``.pstats`` per process into DIR.
+variant is unavailable and says which is missing.  With ``profile`` (a directory)
+in the parameters the daemon and both taps run under cProfile
+(``vbus.bench.cprof``), one ``.pstats`` per process there.
 """
 
 from __future__ import annotations
@@ -92,10 +92,9 @@ class _Tap:
     def __init__(
         self, socket: Path, device: str, ifname: str, netns: str, gso: bool, profile: str | None
     ) -> None:
-        prefix = [sys.executable]
+        cmd = [sys.executable, "-m", "vbus.cli", "--socket", str(socket), "tap"]
         if profile is not None:
-            prefix += ["-m", "cProfile", "-o", profile]
-        cmd = [*prefix, "-m", "vbus.cli", "--socket", str(socket), "tap"]
+            cmd = [sys.executable, "-m", "vbus.bench.cprof", profile, *cmd]
         cmd += ["--device", device, "--ifname", ifname, "--netns", netns]
         if not gso:
             cmd.append("--no-gso")
@@ -254,7 +253,7 @@ def _through_venet(ns_a: str, ns_b: str, gso: bool, params: Params) -> Figures:
 
     wrap: list[str] = []
     if profile_dir is not None:
-        wrap = [sys.executable, "-m", "cProfile", "-o", str(Path(profile_dir) / "vbusd.pstats")]
+        wrap = [sys.executable, "-m", "vbus.bench.cprof", str(Path(profile_dir) / "vbusd.pstats")]
     daemon = BenchDaemon(params.get("loop", "uvloop"), topology=venet_topology(), wrap=wrap)
     taps: list[_Tap] = []
     with daemon:
