@@ -51,7 +51,6 @@ from vbus.net.vnet import (
     F_VERSION_1,
     HDR_SIZE,
     MAX_GSO_FRAME,
-    VLAN_HLEN,
     feature_names,
     max_plain_frame,
 )
@@ -63,7 +62,6 @@ QUEUE_COUNT = 256
 # (1.5 KiB buffers) absorbs a burst that 256 would drop.
 QUEUE_COUNT_SMALL = 1024
 READ_BATCH = 64  # frames read from the tap per wake-up
-READ_SIZE = HDR_SIZE + MAX_GSO_FRAME + VLAN_HLEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +196,9 @@ class TapBridge:
     ) -> int:
         dev = self.dev
         loop = asyncio.get_running_loop()
-        tx = await dev.shm(0, "tx", count=QUEUE_COUNT, buf_size=self.tx_size)
+        # One byte more than the longest frame: a read that fills the whole
+        # window was longer than allowed (the tap truncates it) and is dropped.
+        tx = await dev.shm(0, "tx", count=QUEUE_COUNT, buf_size=self.tx_size + 1)
         count = QUEUE_COUNT if rx_size > 16 << 10 else QUEUE_COUNT_SMALL
         rx = await dev.shm(1, "rx", count=count, buf_size=rx_size)
         await dev.call(CALL_LINK_UP)
@@ -236,24 +236,6 @@ class TapBridge:
                 raise Closed(f"bridge failed: {exc!r}")
         return 0
 
-    def _read_batch(self) -> list[bytes]:
-        frames: list[bytes] = []
-        fd = self.fd
-        limit = self.tx_size
-        for _ in range(READ_BATCH):
-            try:
-                data = os.read(fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            if len(data) > limit:
-                self.counters["oversize"] += 1
-                continue
-            if data[0] > 1:
-                # The kernel may mark DATA_VALID; from a driver only NEEDS_CSUM is allowed.
-                data = bytes((data[0] & 1,)) + data[1:]
-            frames.append(data)
-        return frames
-
     async def _readable(self) -> None:
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
@@ -264,28 +246,55 @@ class TapBridge:
             loop.remove_reader(self.fd)
 
     async def _tap_to_device(self, tx: ClientQueue) -> None:
+        """Frames are read from the tap straight into the tx ring's buffers."""
+        fd = self.fd
+        limit = self.tx_size
+        window = limit + 1
+        counters = self.counters
+        empty = False
+
+        def readinto(view: memoryview) -> int | None:
+            nonlocal empty
+            try:
+                n = os.readv(fd, (view,))
+            except BlockingIOError:
+                empty = True
+                return None
+            if n > limit:
+                counters["oversize"] += 1
+                return -1
+            if view[0] > 1:
+                # The kernel may mark DATA_VALID; from a driver only NEEDS_CSUM is allowed.
+                view[0] &= 1
+            return n
+
         while True:
-            frames = self._read_batch()
-            if not frames:
+            empty = False
+            done = tx.post_from(readinto, window, READ_BATCH)
+            counters["to_device"] += done
+            if empty:
                 await self._readable()
-                continue
-            await tx.send_many(frames)  # waits while the ring is full: the tap's queue backs up
-            self.counters["to_device"] += len(frames)
+            elif not done:
+                await tx.wait_room(window)  # the ring is full: the tap's queue backs up
 
     async def _device_to_tap(self, rx: ClientQueue) -> None:
+        """Frames are written to the tap straight from the rx ring's buffers."""
         fd = self.fd
         counters = self.counters
+
+        def write(frame: memoryview) -> None:
+            if not frame:
+                return  # a buffer the device could not use
+            try:
+                os.write(fd, frame)
+                counters["to_tap"] += 1
+            except BlockingIOError:
+                counters["tap_full"] += 1
+            except OSError:
+                counters["tap_refused"] += 1
+
         while True:
-            for frame in await rx.recv_many(QUEUE_COUNT):
-                if not frame:
-                    continue  # a buffer the device could not use
-                try:
-                    os.write(fd, frame)
-                    counters["to_tap"] += 1
-                except BlockingIOError:
-                    counters["tap_full"] += 1
-                except OSError:
-                    counters["tap_refused"] += 1
+            await rx.recv_each(write, QUEUE_COUNT)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
