@@ -381,7 +381,12 @@ def test_send_from_reads_straight_into_the_ring(rings: Callable[..., Ring], star
             drop = {i for i in range(6) if rng.random() < 0.2}
             taken: list[bytes] = []
 
-            def readinto(view: memoryview) -> int | None:
+            def readinto(
+                view: memoryview,
+                offered: list[bytes] = offered,
+                drop: set[int] = drop,
+                taken: list[bytes] = taken,
+            ) -> int | None:
                 if not offered:
                     return None  # nothing more to read
                 i = 6 - len(offered)
