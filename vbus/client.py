@@ -374,6 +374,9 @@ class ClientQueue:
         self.wakeups = 0
         self.mitigation = mitigation
         self._waiter: asyncio.Future[None] | None = None
+        # Told when the device connection fails (a FAULT, the device or bus
+        # gone): for callers that do not wait in send/recv (vbus tap's pump).
+        self.on_error: Callable[[VbusError], None] | None = None
 
     @property
     def signals_sent(self) -> int:
@@ -436,16 +439,23 @@ class ClientQueue:
     async def recv_each(self, consume: Callable[[memoryview], object], limit: int = 256) -> int:
         """``recv_many`` without copies: at least one message, at most ``limit``,
         each handed to ``consume`` as a view valid only during that call."""
-        if self.direction != "rx":
-            raise Invalid("recv on a transmit queue")
         ring = self.ring
         while True:
-            self._check()
-            n = ring.recv_each(consume, limit)
+            n = self.take_each(consume, limit)
             if n:
-                ring.signal.notify(force=not self.mitigation)
                 return n
             await self._wait(lambda: ring.completed() > 0)
+
+    def take_each(self, consume: Callable[[memoryview], object], limit: int = 256) -> int:
+        """``recv_each`` for what is there now (0: nothing); never waits."""
+        if self.direction != "rx":
+            raise Invalid("recv on a transmit queue")
+        self._check()
+        ring = self.ring
+        n = ring.recv_each(consume, limit)
+        if n:
+            ring.signal.notify(force=not self.mitigation)  # fresh buffers posted
+        return n
 
     async def recv_many(self, limit: int = 256) -> list[bytes]:
         """At least one message, at most ``limit``."""
@@ -483,6 +493,8 @@ class ClientQueue:
     def _wake_with(self, exc: VbusError) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
+        if self.on_error is not None:
+            self.on_error(exc)
 
     def _release(self) -> None:
         if self._waiter is not None and not self._waiter.done():
