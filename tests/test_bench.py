@@ -21,7 +21,7 @@ from vbus.bench.report import format_value, render
 from vbus.bench.runner import RunResult, SubjectResult
 from vbus.bench.subject import Figure, Figures, Subject, Target, Variant, discover
 
-EXPECTED_SUBJECTS = {"stream", "call", "mitigation", "bulk", "scale", "xen"}
+EXPECTED_SUBJECTS = {"stream", "call", "mitigation", "bulk", "scale", "xen", "venet"}
 
 
 @pytest.mark.integration
@@ -63,6 +63,15 @@ def test_quick_bench_runs_and_writes_json(tmp_path: Path) -> None:
     scale = doc["subjects"]["scale"]["variants"]
     assert {"c1", "c16", "c256"} <= set(scale)
     assert scale["c256"]["median"]["msgs_per_s"] > 0
+    venet = doc["subjects"]["venet"]["variants"]
+    if venet["gso"]["unavailable"] is None:  # root, iperf3, ip, ping, /dev/net/tun
+        for name in ("gso", "nogso", "veth"):
+            figures = venet[name]["median"]
+            assert figures["gbit_per_s"] > 0 and figures["rtt_ab_p99_us"] > 0, name
+        assert venet["gso"]["median"]["daemon_cpu_s_per_gb"] > 0
+        assert venet["veth"]["ratio"] == 1.0
+    else:
+        assert "needs root" in venet["gso"]["unavailable"] or "no " in venet["gso"]["unavailable"]
     assert {t["text"] for t in doc["targets"]} >= {
         "stream: vbus >= 3x the fastest socket-based peer",
         "call: vbus p50 <= 1.3x the bare uvloop echo",

@@ -25,6 +25,7 @@ from vbus.ioq import (
     DESC_SIZE,
     HEADER_SIZE,
     MAX_COUNT,
+    SPLIT_FROM,
     IoqNorth,
     IoqSouth,
     format_ring,
@@ -364,6 +365,72 @@ def test_south_to_north_round_trip(rings: Callable[..., Ring], start: int) -> No
         assert ring.inuse < start
 
 
+@pytest.mark.parametrize("start", [0, NEAR_WRAP])
+def test_send_from_reads_straight_into_the_ring(rings: Callable[..., Ring], start: int) -> None:
+    """send_from against a model: messages of random lengths written in place
+    (the data area wraps many times), some dropped by the reader, stops when
+    the reader has nothing more, and room_for says when one more fits."""
+    ring = rings(writable=False, start=start, buf_size=256)
+    north, south = ring.north, ring.south
+    rng = random.Random(start)
+    model: deque[bytes] = deque()
+    sent = 0
+    for step in range(400):
+        if rng.random() < 0.5:
+            offered = [bytes([(step + i) & 0xFF]) * rng.randint(0, 200) for i in range(6)]
+            drop = {i for i in range(6) if rng.random() < 0.2}
+            taken: list[bytes] = []
+
+            def readinto(
+                view: memoryview,
+                offered: list[bytes] = offered,
+                drop: set[int] = drop,
+                taken: list[bytes] = taken,
+            ) -> int | None:
+                if not offered:
+                    return None  # nothing more to read
+                i = 6 - len(offered)
+                msg = offered.pop(0)
+                assert len(view) == 201
+                view[: len(msg)] = msg
+                if i in drop:
+                    return -1
+                taken.append(msg)
+                return len(msg)
+
+            fits = north.room_for(201)
+            n = north.send_from(readinto, 201, rng.randint(1, COUNT))
+            assert n == len(taken)
+            assert fits == (len(offered) < 6)  # room for one: the reader was called
+            model.extend(taken)
+            sent += n
+        else:
+            budget = rng.randint(1, COUNT)
+            expected = [model.popleft() for _ in range(min(budget, len(model)))]
+            assert south.read_many(budget) == expected
+    assert sent > 100
+    while not north.room_for(201):
+        model.popleft()
+        south.read_many(1)
+    with pytest.raises(TooBig):
+        north.send_from(lambda view: 0, 257, 1)
+
+
+def test_recv_each_hands_out_views_and_reposts(rings: Callable[..., Ring]) -> None:
+    ring = rings(writable=True)
+    north, south = ring.north, ring.south
+    north.post_empty(COUNT)
+    batch = _msgs(COUNT, tag=3)
+    assert south.write_many(batch) == COUNT
+    got: list[bytes] = []
+    assert north.recv_each(lambda view: got.append(bytes(view)), 5) == 5
+    assert got == batch[:5]
+    assert ring.valid == COUNT + 5  # the five buffers were posted again
+    assert north.recv_each(lambda view: got.append(bytes(view)), COUNT) == COUNT - 5
+    assert got == batch
+    assert north.recv_each(lambda view: got.append(bytes(view)), COUNT) == 0
+
+
 def test_send_many_posts_only_what_fits(rings: Callable[..., Ring]) -> None:
     ring = rings(writable=False)
     assert ring.north.send_many(_msgs(COUNT + 3)) == COUNT
@@ -603,6 +670,32 @@ def test_every_broken_descriptor_is_a_fault(
         assert re.search(rf"descriptor {culprit & M32}\b", info.value.message)
     assert bytes(ring.buf) == before  # a fault hands nothing back and writes nothing
     assert ring.south.stats.messages == 0
+
+
+@pytest.mark.parametrize("breakage", ["ptr outside", "ptr+len one past", "ptr+len overflows u64"])
+def test_large_messages_are_copied_out_one_by_one_and_checked(
+    rings: Callable[..., Ring], breakage: str
+) -> None:
+    """read_many copies messages of SPLIT_FROM bytes or more straight out of the
+    north's memory, each once: the same messages, the same bounds checks."""
+    ring = rings(writable=False, buf_size=4096, max_len=4096)
+    north, south = ring.north, ring.south
+    batch = [bytes([i]) * (SPLIT_FROM + 100 * i) for i in range(4)]
+    assert north.send_many(batch) == 4
+    assert south.read_many(8) == batch
+    assert south.stats.bytes == sum(map(len, batch))
+    assert north.send_many(batch) == 4
+    culprit = ring.inuse + 2
+    breaker, message = BREAKAGES[breakage]
+    if isinstance(ring.memory, GuestMemory):
+        message = GUEST_MESSAGES.get(breakage, message)
+    breaker(ring, culprit)
+    before = bytes(ring.buf)
+    with pytest.raises(Fault, match=re.escape(message)) as info:
+        south.read_many(8)
+    assert re.search(rf"descriptor {culprit & M32}\b", info.value.message)
+    assert bytes(ring.buf) == before
+    assert south.stats.messages == 4
 
 
 @pytest.mark.parametrize(

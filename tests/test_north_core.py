@@ -49,6 +49,8 @@ class BuggySession(Session):
     def call(self, func: int, data: bytes) -> bytes:
         if func == 2:
             raise RuntimeError("deviceclass bug")
+        if func == 3:  # the device finds the north at fault outside any poll
+            assert self.fault("a bad descriptor found while delivering")
         return data
 
 
@@ -278,4 +280,15 @@ async def test_a_device_bug_faults_the_connection_and_is_logged_once(
     assert kind == "fault" and "device failed" in reason
     assert topology.connections() == []
     assert capsys.readouterr().out.count("deviceclass bug") >= 1  # the traceback, logged
+    await side.disconnect()
+
+
+async def test_a_device_faults_its_connection_at_once(side: Any, topology: Topology) -> None:
+    handle = await side.open("bug0")
+    other = await side.open("echo0")
+    assert await side.call(handle, 3, b"x") == b"x"  # the call itself is answered
+    kind, _handle, reason = await side.event()  # no poll, no kick: the fault comes anyway
+    assert (kind, reason) == ("fault", "a bad descriptor found while delivering")
+    assert [c.device.name for c in topology.connections()] == ["echo0"]  # bug0's is closed
+    assert await side.call(other, 1, b"still") == b"still"
     await side.disconnect()

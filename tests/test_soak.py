@@ -58,6 +58,9 @@ devices = ["secret0"]
 """
 
 # behaviour -> (what its reaction must say, extra check on the outcome)
+# The behaviours this file runs one by one (bad venet norths: test_soak_venet.py).
+CASES = catalogue("userspace") + catalogue("xen") + catalogue("vhost_user")
+
 EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
     "stall": (("backpressure", "none lost"), lambda o: o.faults == 0),
     "garbage": (("fault at",), lambda o: o.faults == 1),
@@ -97,12 +100,10 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
 
 
 def test_the_catalogue_is_complete_and_selectable() -> None:
-    names = [cls.name for cls in catalogue()]
+    names = [cls.name for cls in CASES]
     assert names == list(EXPECTED)
-    assert CONNECTORS == ("userspace", "xen", "vhost_user")
-    assert (
-        select("all") == catalogue() == select("userspace") + select("xen") + select("vhost_user")
-    )
+    assert CONNECTORS == ("userspace", "xen", "vhost_user", "venet")
+    assert select("all") == catalogue() == sum((select(c) for c in CONNECTORS), ())
     assert [c.name for c in select("stall, crash,stall")] == ["stall", "crash"]
     with pytest.raises(ValueError, match="unknown misbehaviour 'nope'"):
         select("stall,nope")
@@ -192,7 +193,7 @@ async def _next_to_a_good_client(daemon: Daemon, cls: type[Misbehaviour]) -> Non
     assert stats.calls > 20
 
 
-@pytest.mark.parametrize("cls", catalogue(), ids=lambda cls: cls.name)
+@pytest.mark.parametrize("cls", CASES, ids=lambda cls: cls.name)
 async def test_misbehaviour_is_detected_and_nobody_else_notices(
     vbusd: Callable[..., Daemon], tmp_path: Path, cls: type[Misbehaviour]
 ) -> None:

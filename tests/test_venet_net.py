@@ -626,3 +626,27 @@ def test_vbus_tap_says_what_is_wrong_in_one_line(vbusd: Callable[..., Daemon]) -
         assert tap.proc.returncode == 1, (args, out, err)
         assert err.splitlines() == [message], (args, err)
         assert out == ""
+
+
+def test_vbus_tap_exits_when_its_daemon_goes(
+    tmp_path: Path, vbusd: Callable[..., Daemon], netns: Callable[[], str]
+) -> None:
+    """The bridge's pump learns of a closed device connection without a
+    waiting send or recv: one line, exit 1, the tap gone."""
+    need_net()
+    daemon = vbusd("--config", config(tmp_path, SWITCHED), "--no-admin")
+    ns = netns()
+    tap = TapProc(daemon, ["--device", "v0", "--ifname", "vt0", "--netns", ns])
+    try:
+        tap.ready()
+        address(ns, "vt0", 1)
+        assert daemon.stop() == 0
+        _, err = tap.proc.communicate(timeout=20)
+    finally:
+        if tap.proc.poll() is None:
+            tap.proc.kill()
+            tap.proc.wait()
+    assert tap.proc.returncode == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vbus tap: "), err
+    assert run("ip", "-n", ns, "link", "show", "vt0", check=False).returncode != 0

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -374,6 +374,9 @@ class ClientQueue:
         self.wakeups = 0
         self.mitigation = mitigation
         self._waiter: asyncio.Future[None] | None = None
+        # Told when the device connection fails (a FAULT, the device or bus
+        # gone): for callers that do not wait in send/recv (vbus tap's pump).
+        self.on_error: Callable[[VbusError], None] | None = None
 
     @property
     def signals_sent(self) -> int:
@@ -408,8 +411,51 @@ class ClientQueue:
                 continue
             await self._wait(lambda: ring.space() > 0)
 
+    def post_from(
+        self, readinto: Callable[[memoryview], int | None], max_len: int, limit: int
+    ) -> int:
+        """Post what ``readinto`` writes straight into the ring (``IoqNorth.send_from``),
+        at most ``limit`` messages; returns how many, 0 when the ring is full
+        (``wait_room``) or there was nothing to read.  Never waits."""
+        if self.direction != "tx":
+            raise Invalid("post_from on a receive queue")
+        self._check()
+        ring = self.ring
+        done = ring.send_from(readinto, max_len, limit)
+        if done:
+            ring.signal.notify(force=not self.mitigation)
+        return done
+
+    async def wait_room(self, max_len: int) -> None:
+        """Until the ring can take a message of ``max_len`` bytes."""
+        ring = self.ring
+        while not ring.room_for(max_len):
+            self._check()
+            await self._wait(lambda: ring.room_for(max_len))
+
     async def recv(self) -> bytes:
         return (await self.recv_many(1))[0]
+
+    async def recv_each(self, consume: Callable[[memoryview], object], limit: int = 256) -> int:
+        """``recv_many`` without copies: at least one message, at most ``limit``,
+        each handed to ``consume`` as a view valid only during that call."""
+        ring = self.ring
+        while True:
+            n = self.take_each(consume, limit)
+            if n:
+                return n
+            await self._wait(lambda: ring.completed() > 0)
+
+    def take_each(self, consume: Callable[[memoryview], object], limit: int = 256) -> int:
+        """``recv_each`` for what is there now (0: nothing); never waits."""
+        if self.direction != "rx":
+            raise Invalid("recv on a transmit queue")
+        self._check()
+        ring = self.ring
+        n = ring.recv_each(consume, limit)
+        if n:
+            ring.signal.notify(force=not self.mitigation)  # fresh buffers posted
+        return n
 
     async def recv_many(self, limit: int = 256) -> list[bytes]:
         """At least one message, at most ``limit``."""
@@ -447,6 +493,8 @@ class ClientQueue:
     def _wake_with(self, exc: VbusError) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
+        if self.on_error is not None:
+            self.on_error(exc)
 
     def _release(self) -> None:
         if self._waiter is not None and not self._waiter.done():

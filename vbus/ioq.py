@@ -44,7 +44,7 @@ from __future__ import annotations
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from operator import add
 
@@ -57,6 +57,7 @@ __all__ = [
     "DESC_SIZE",
     "HEADER_SIZE",
     "MAX_COUNT",
+    "SPLIT_FROM",
     "IoqNorth",
     "IoqSouth",
     "format_ring",
@@ -80,6 +81,7 @@ _HEAD = struct.Struct("<IIII")
 _DESC = struct.Struct("<QQQBB6x")
 _ONES = b"\x01" * MAX_COUNT
 _COPY_EACH = 2048  # send_many: messages this long on average are copied one by one
+SPLIT_FROM = 1024  # read_many: messages this long on average are copied out one by one
 _ZEROS = bytes(MAX_COUNT)
 DEFAULT_MAX_LEN = 256 * 1024
 # Bytes the south copies out of one queue per poll: ~50 us of copying, so that
@@ -344,6 +346,15 @@ class IoqSouth(QueueBase):
         is at least half the batch; the rest is the next span).  ``gather``
         takes all ``budget`` messages, joining pieces where they lie apart.
         """
+        data, lens = self._read(budget, gather, split=False)
+        return data, lens  # type: ignore[return-value]
+
+    def _read(
+        self, budget: int, gather: bool, split: bool
+    ) -> tuple[bytes | list[bytes], list[int]]:
+        """``read_span``; with ``split``, messages of ``SPLIT_FROM`` bytes or
+        more on average come back as a list, each copied out of the north's
+        memory once (not into one span first and out of it again)."""
         if self.writable:
             raise Invalid("read_span on a queue the south fills")
         if self._cursor != self._inuse:
@@ -392,8 +403,19 @@ class IoqSouth(QueueBase):
                 del ptrs[n:], lens[n:], expected[n:]
         end = expected[-1] + lens[-1]
         contiguous = ptrs == expected
+        data: bytes | list[bytes]
+        if split and self._guest is None and end - start >= SPLIT_FROM * n:
+            if max(map(add, ptrs, lens)) > self._size:
+                self._find_culprit(raw, first, n)
+            data = [buf[p : p + ln] for p, ln in zip(ptrs, lens, strict=True)]  # type: ignore[misc]
+            self._cursor = (first + n) & _M32
+            self._release(first, n)
+            total = sum(lens)
+            self.stats.bytes += total
+            self._credit -= total
+            return data, lens
         if contiguous and end <= self._size:
-            data: bytes = buf[start:end]  # type: ignore[assignment]
+            data = buf[start:end]  # type: ignore[assignment]
         elif self._guest is None:
             if max(map(add, ptrs, lens)) > self._size:
                 self._find_culprit(raw, first, n)
@@ -451,9 +473,11 @@ class IoqSouth(QueueBase):
 
     def read_many(self, budget: int) -> list[bytes]:
         """North->south: up to ``budget`` payloads, each copied out once."""
-        data, lens = self.read_span(budget, gather=True)
+        data, lens = self._read(budget, True, split=True)
         if not lens:
             return []
+        if isinstance(data, list):
+            return data
         first = lens[0]
         if first and lens.count(first) == len(lens):
             return [data[i : i + first] for i in range(0, len(data), first)]
@@ -659,6 +683,7 @@ class IoqNorth:
         # whole span at once.  The oldest descriptor in flight marks its tail.
         self._data_size = min(len(buf) - data_offset, (count + 1) * buf_size)
         self._head = 0
+        self._view: memoryview | None = None  # the whole buffer, for send_from / recv_each
 
     def completed(self) -> int:
         """Descriptors the south has handed back and we have not reaped."""
@@ -830,6 +855,100 @@ class IoqNorth:
         self.post_empty(n)
         return out
 
+    # --- without copies: the caller reads or writes the shared buffers itself ---
+    def _whole(self) -> memoryview:
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(self._buf)
+        return view
+
+    def recv_each(self, consume: Callable[[memoryview], object], limit: int) -> int:
+        """``recv_many`` without the copies: ``consume`` gets each filled buffer
+        as a view of the shared memory, valid only during the call (it is
+        posted again right after).  Returns how many were consumed."""
+        n = min(self.completed(), limit)
+        if n == 0:
+            return 0
+        view = self._whole()
+        dq = self._dq
+        mask = self._mask
+        size = self.buf_size
+        data = self._data
+        first = self.reaped
+        for i in range(n):
+            slot = (first + i) & mask
+            length = dq[slot * 4 + _LEN]
+            if length > size:
+                raise Fault(f"ioq: south returned {length} bytes in a {size}-byte buffer")
+            addr = data + slot * size
+            consume(view[addr : addr + length])
+        self.reaped = (first + n) & _M32
+        self.post_empty(n)
+        return n
+
+    def room_for(self, max_len: int) -> bool:
+        """A free slot and ``max_len`` bytes of the data area (``send_from`` can post one)."""
+        inuse = self._idx[_INUSE]
+        in_flight = (self.valid - inuse) & _M32
+        if in_flight >= self.count:
+            return False
+        size = self._data_size
+        used = self._data_used(inuse, in_flight)
+        pos = self._head % size
+        if size - pos < max_len:  # it would wrap: the tail of the area is lost to it
+            return size - used - (size - pos) >= max_len
+        return size - used >= max_len
+
+    def send_from(
+        self, readinto: Callable[[memoryview], int | None], max_len: int, limit: int
+    ) -> int:
+        """``send_many`` without the copies: post up to ``limit`` messages that
+        ``readinto`` writes straight into the data area.  It gets a view of
+        ``max_len`` bytes and returns the message's length, a negative number
+        to drop what it read (the space is used again), or None to stop (no
+        more to read).  Stops early when the ring or the data area is full."""
+        if max_len > self.buf_size:
+            raise TooBig(f"messages of {max_len} bytes exceed the {self.buf_size}-byte buffers")
+        inuse = self._idx[_INUSE]
+        in_flight = (self.valid - inuse) & _M32
+        slots = min(limit, self.count - in_flight)
+        if slots <= 0:
+            return 0
+        self.reaped = inuse  # transmit completions only free space
+        size = self._data_size
+        used = self._data_used(inuse, in_flight)
+        view = self._whole()
+        base = self._data
+        ptrs: list[int] = []
+        lens: list[int] = []
+        while len(ptrs) < slots:
+            pos = self._head % size
+            if size - pos < max_len:
+                if size - used - (size - pos) < max_len:
+                    break
+                used += size - pos  # skip the end of the area: wrap to 0
+                self._head += size - pos
+                continue
+            if size - used < max_len:
+                break
+            addr = base + pos
+            length = readinto(view[addr : addr + max_len])
+            if length is None:
+                break
+            if length < 0:
+                continue
+            ptrs.append(addr)
+            lens.append(length)
+            self._head += length
+            used += length
+        if ptrs:
+            self._store_descriptors(0, array("Q", ptrs), array("Q", lens))
+            self._publish(len(ptrs))
+        return len(ptrs)
+
     def close(self) -> None:
         self._idx.release()
         self._dq.release()
+        if self._view is not None:
+            self._view.release()
+            self._view = None

@@ -51,7 +51,6 @@ from vbus.net.vnet import (
     F_VERSION_1,
     HDR_SIZE,
     MAX_GSO_FRAME,
-    VLAN_HLEN,
     feature_names,
     max_plain_frame,
 )
@@ -63,7 +62,6 @@ QUEUE_COUNT = 256
 # (1.5 KiB buffers) absorbs a burst that 256 would drop.
 QUEUE_COUNT_SMALL = 1024
 READ_BATCH = 64  # frames read from the tap per wake-up
-READ_SIZE = HDR_SIZE + MAX_GSO_FRAME + VLAN_HLEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,13 +196,16 @@ class TapBridge:
     ) -> int:
         dev = self.dev
         loop = asyncio.get_running_loop()
-        tx = await dev.shm(0, "tx", count=QUEUE_COUNT, buf_size=self.tx_size)
+        # One byte more than the longest frame: a read that fills the whole
+        # window was longer than allowed (the tap truncates it) and is dropped.
+        tx = await dev.shm(0, "tx", count=QUEUE_COUNT, buf_size=self.tx_size + 1)
         count = QUEUE_COUNT if rx_size > 16 << 10 else QUEUE_COUNT_SMALL
         rx = await dev.shm(1, "rx", count=count, buf_size=rx_size)
         await dev.call(CALL_LINK_UP)
-        stop = asyncio.Event()
+        # Resolved by SIGTERM/SIGINT, failed by the pump (its reason).
+        finished: asyncio.Future[None] = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, _resolve, finished)
         where = f" in netns {netns}" if netns else ""
         line = (
             f"vbus tap: {dev.info.name} <-> {name}{where} up, "
@@ -213,79 +214,181 @@ class TapBridge:
         print(line, flush=True)
         if on_ready is not None:
             on_ready(name)
-        tasks = [
-            asyncio.ensure_future(self._tap_to_device(tx)),
-            asyncio.ensure_future(self._device_to_tap(rx)),
-            asyncio.ensure_future(stop.wait()),
-        ]
+        pump = _Pump(self, loop, tx, rx, finished)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            pump.start()
+            await asyncio.shield(finished)
+        except Exception:  # the pump's reason: raised below, after the link went down
+            pass
         finally:
-            for task in tasks:
-                task.cancel()
+            pump.stop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(VbusError):
             await dev.call(CALL_LINK_DOWN)
-        for task in done:
-            if task is not tasks[2] and not task.cancelled() and task.exception() is not None:
-                exc = task.exception()
-                if isinstance(exc, VbusError):
-                    raise exc
-                raise Closed(f"bridge failed: {exc!r}")
+        exc = finished.exception() if finished.done() else None
+        if exc is not None:
+            if isinstance(exc, VbusError):
+                raise exc
+            raise Closed(f"bridge failed: {exc!r}")
         return 0
 
-    def _read_batch(self) -> list[bytes]:
-        frames: list[bytes] = []
-        fd = self.fd
-        limit = self.tx_size
-        for _ in range(READ_BATCH):
-            try:
-                data = os.read(fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            if len(data) > limit:
-                self.counters["oversize"] += 1
-                continue
-            if data[0] > 1:
-                # The kernel may mark DATA_VALID; from a driver only NEEDS_CSUM is allowed.
-                data = bytes((data[0] & 1,)) + data[1:]
-            frames.append(data)
-        return frames
 
-    async def _readable(self) -> None:
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        loop.add_reader(self.fd, _resolve, ready)
+class _Pump:
+    """The bridge's two directions as event-loop callbacks on descriptors that
+    stay registered: no task, future or epoll change per frame.
+
+    tap -> device: the tap descriptor's reader reads frames straight into the
+    tx ring (``post_from``); when the ring is full it leaves the loop, and the
+    tx queue's call descriptor (the device freed space) brings it back.
+    device -> tap: the rx queue's call descriptor wakes the pump, which writes
+    the filled buffers to the tap straight from the ring (``recv_each``),
+    posts them again and re-arms (arm, fence, re-check: no wake-up is lost).
+    """
+
+    def __init__(
+        self,
+        bridge: TapBridge,
+        loop: asyncio.AbstractEventLoop,
+        tx: ClientQueue,
+        rx: ClientQueue,
+        failed: asyncio.Future[None],
+    ) -> None:
+        self.bridge = bridge
+        self.loop = loop
+        self.tx = tx
+        self.rx = rx
+        self.failed = failed
+        self.fd = bridge.fd
+        self.limit = bridge.tx_size
+        self.window = bridge.tx_size + 1  # a read that fills it was too long
+        self.empty = False
+        self.reading = False
+        self.waiting_room = False
+        self.rx_scheduled = False
+        self.stopped = False
+
+    def start(self) -> None:
+        self.tx.on_error = self.rx.on_error = self._fail
+        self.loop.add_reader(self.rx.call.fd, self._on_rx_signal)
+        self._read_tap(True)
+        self.loop.call_soon(self._pump_rx)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.tx.on_error = self.rx.on_error = None
+        self._read_tap(False)
+        for fd in (self.rx.call.fd, self.tx.call.fd):
+            if fd >= 0:
+                self.loop.remove_reader(fd)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.failed.done():
+            self.failed.set_exception(exc)
+        if not self.stopped:
+            self.stop()
+
+    def _read_tap(self, on: bool) -> None:
+        if on and not self.reading:
+            self.loop.add_reader(self.fd, self._on_tap)
+        elif not on and self.reading:
+            self.loop.remove_reader(self.fd)
+        self.reading = on
+
+    # --- tap -> device --------------------------------------------------------
+    def _readinto(self, view: memoryview) -> int | None:
         try:
-            await ready
-        finally:
-            loop.remove_reader(self.fd)
+            n = os.readv(self.fd, (view,))
+        except BlockingIOError:
+            self.empty = True
+            return None
+        if n > self.limit:
+            self.bridge.counters["oversize"] += 1
+            return -1
+        if view[0] > 1:
+            # The kernel may mark DATA_VALID; from a driver only NEEDS_CSUM is allowed.
+            view[0] &= 1
+        return n
 
-    async def _tap_to_device(self, tx: ClientQueue) -> None:
-        while True:
-            frames = self._read_batch()
-            if not frames:
-                await self._readable()
-                continue
-            await tx.send_many(frames)  # waits while the ring is full: the tap's queue backs up
-            self.counters["to_device"] += len(frames)
+    def _on_tap(self) -> None:
+        try:
+            self.empty = False
+            done = self.tx.post_from(self._readinto, self.window, READ_BATCH)
+            self.bridge.counters["to_device"] += done
+            if not done and not self.empty:
+                self._wait_room()  # the ring is full: the tap's queue backs up
+        except Exception as exc:
+            self._fail(exc)
 
-    async def _device_to_tap(self, rx: ClientQueue) -> None:
-        fd = self.fd
-        counters = self.counters
-        while True:
-            for frame in await rx.recv_many(QUEUE_COUNT):
-                if not frame:
-                    continue  # a buffer the device could not use
-                try:
-                    os.write(fd, frame)
-                    counters["to_tap"] += 1
-                except BlockingIOError:
-                    counters["tap_full"] += 1
-                except OSError:
-                    counters["tap_refused"] += 1
+    def _wait_room(self) -> None:
+        ring = self.tx.ring
+        self._read_tap(False)
+        ring.signal.arm()
+        if ring.room_for(self.window):
+            ring.signal.disarm()
+            self._read_tap(True)
+            return
+        if not self.waiting_room:
+            self.waiting_room = True
+            self.loop.add_reader(self.tx.call.fd, self._on_room)
+
+    def _on_room(self) -> None:
+        tx = self.tx
+        tx.call.drain()
+        tx.ring.signal.disarm()
+        if tx.ring.room_for(self.window):
+            self.waiting_room = False
+            self.loop.remove_reader(tx.call.fd)
+            self._read_tap(True)
+        else:
+            tx.ring.signal.arm()
+            if tx.ring.room_for(self.window):
+                self._on_room()
+
+    # --- device -> tap --------------------------------------------------------
+    def _write(self, frame: memoryview) -> None:
+        if not frame:
+            return  # a buffer the device could not use
+        counters = self.bridge.counters
+        try:
+            os.write(self.fd, frame)
+            counters["to_tap"] += 1
+        except BlockingIOError:
+            counters["tap_full"] += 1
+        except OSError:
+            counters["tap_refused"] += 1
+
+    def _on_rx_signal(self) -> None:
+        self.rx.call.drain()
+        self.rx.ring.signal.disarm()
+        if not self.rx_scheduled:
+            self._pump_rx()
+
+    def _pump_rx(self) -> None:
+        self.rx_scheduled = False
+        if self.stopped:
+            return
+        rx = self.rx
+        ring = rx.ring
+        try:
+            for _ in range(4):  # then the loop's other callbacks get their turn
+                if not rx.take_each(self._write, QUEUE_COUNT):
+                    break
+            else:
+                self._again()
+                return
+            ring.signal.arm()
+            if ring.completed():
+                ring.signal.disarm()
+                self._again()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _again(self) -> None:
+        self.rx_scheduled = True
+        self.loop.call_soon(self._pump_rx)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

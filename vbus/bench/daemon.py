@@ -1,7 +1,8 @@
 """A vbusd of the bench's own: a temporary run directory, state file and topology.
 
 The topology has one bus admitting the bench's uid (and Xen domain 1) with two echo devices:
-``sink0`` (mode sink: consumes queue 0 and counts) and ``echo0`` (mode echo).
+``sink0`` (mode sink: consumes queue 0 and counts) and ``echo0`` (mode echo);
+a subject may bring its own (``topology``).
 Readiness comes from the daemon's own ``READY=1`` (``NOTIFY_SOCKET``), not
 from its log.  ``wrap`` prefixes the command (a profiler, for instance); the
 daemon's pid is then read from its pid file.
@@ -63,6 +64,7 @@ class BenchDaemon:
         topology: str = BENCH_TOPOLOGY,
     ) -> None:
         self.loop = loop
+        self.topology = topology
         self.args = list(args)
         self.wrap = list(wrap)
         self.log_level = log_level

@@ -296,6 +296,7 @@ class Attachment:
         self.held = [0, 0, 0]  # shared-memory bytes, descriptors, mappings of its queues
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
+        session.fault_hook = self._device_fault
 
     # --- queues ------------------------------------------------------------------
     def add_queue(
@@ -421,6 +422,13 @@ class Attachment:
         self.close(f"faulted: {reason}")
         north.hooks.faulted(self.id, reason)
 
+    def _device_fault(self, reason: str) -> None:
+        """The device found this north at fault outside a poll (``Session.fault``):
+        fault it on the loop's next turn, not inside the device's own call stack
+        (it may be delivering to several ports)."""
+        if not self.closed:
+            self.north.core.loop.call_soon(self.fault, reason)
+
     def close(self, reason: str) -> None:
         """Release and close the core connection.  Idempotent."""
         if self.north.handles.get(self.id) is self:
@@ -435,6 +443,7 @@ class Attachment:
         if self.closed:
             return
         self.closed = True
+        self.session.fault_hook = None
         north = self.north
         for task in list(self.tasks):
             task.cancel()

@@ -149,6 +149,19 @@ class Session:
         self.model = model
         self.conn = conn
         self.queues: dict[int, Queue] = {}
+        # Set by the connector that serves this session (vbus.connectors.base).
+        self.fault_hook: Callable[[str], None] | None = None
+
+    def fault(self, reason: str) -> bool:
+        """Fault this connection now, from outside ``poll`` (a bad descriptor
+        found while delivering to it, say).  True when a connector took it; the
+        connection is faulted on the loop's next turn.  False: nothing serves
+        the session, and the device raises ``Fault`` from its next poll instead."""
+        hook = self.fault_hook
+        if hook is None:
+            return False
+        hook(reason)
+        return True
 
     # --- the two verbs ---------------------------------------------------
     def call(self, func: int, data: bytes) -> bytes | Awaitable[bytes]:

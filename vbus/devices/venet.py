@@ -430,17 +430,21 @@ class VenetSession(Session):
         return len(bufs)
 
     def fail(self, exc: BaseException) -> None:
-        """The port cannot take frames any more: off the backend now; the
-        next poll raises ``exc`` (the connection is then faulted)."""
+        """The port cannot take frames any more: off the backend now, and
+        the connection faulted at once through the connector (a north that
+        never kicks again would otherwise keep its queues); where nothing
+        serves the session, the next poll raises ``exc``."""
         if self.failed is not None:
             return
         self.failed = exc
+        reason = exc.message if isinstance(exc, VbusError) else "the device failed"
         log.warning(
             "venet.port_failed",
             device=self.model.device.name,
             reason=exc.message if isinstance(exc, VbusError) else repr(exc),
         )
         self._link_down()
+        self.fault(reason)
 
     # --- mitigation ------------------------------------------------------------
     def rearm(self) -> bool:

@@ -63,6 +63,9 @@ SINK_DEVICE = "sink0"
 XEN_DOMIDS = tuple(range(100, 108))  # hostile domains, on a bus linking the bad clients' device
 TRANSIENT_BUS = "transient"  # no members of its own: a pid rule admits a bad client's child
 HUGEPAGES = 4  # set aside (as root) for the hugetlb behaviour
+# venets of one switch on the bad clients' bus, for the venet catalogue: its
+# instances take up to four each, witness included.
+VENETS = tuple(f"vnet{i}" for i in range(12))
 # Limits of the daemon the soak starts: tight enough that the caps are reached
 # cheaply, and stated in the JSON.  The good clients hold a few hundred KiB of
 # shared memory and a few dozen descriptors: far from the bounds.
@@ -217,12 +220,13 @@ class Soak:
         # Hostile domains attach under these: as root on a bus of their own (the
         # bad processes' bus counts only their own clients), else beside them.
         domids = ", ".join(f'"domid:{d}"' for d in XEN_DOMIDS)
+        venets = ", ".join(f'"{name}"' for name in VENETS)
         # The sink is on the bad clients' bus only: the good clients' bus stays as it was.
         hostile = (
             f"""
             [buses.hostile]
             members = ["uid:{NOBODY}"]
-            devices = ["{device}", "{SINK_DEVICE}"]
+            devices = ["{device}", "{SINK_DEVICE}", {venets}]
             [buses.domains]
             members = [{domids}]
             devices = ["{device}"]
@@ -246,11 +250,15 @@ class Soak:
                 f'[buses.{VMM_BUS}]\nmembers = ["uid:{VMM}"]\ndevices = ["{device}"{vhost_links}]\n'
             )
         default_devices = (
-            f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"{vhost_links}'
+            f'"{device}"' if self.own_uid else f'"{device}", "{SINK_DEVICE}"{vhost_links}, {venets}'
         )
         default_members = '"uid:self"' if self.own_uid else f'"uid:self", {domids}'
+        venet_devices = "".join(
+            f'[devices.{name}]\nclass = "venet"\nbackend = "switch:soak"\n' for name in VENETS
+        )
         return (
             vhost_devices
+            + venet_devices
             + textwrap.dedent(
                 f"""
             [devices.{device}]
@@ -657,6 +665,7 @@ class Soak:
             args += ["--sink-device", SINK_DEVICE, "--hugepages", str(self.hugepages)]
             bus = {NOBODY: "hostile", EXHAUSTER: "exhaust", VMM: VMM_BUS}.get(uid or -1, "default")
             args += ["--vhost-dir", str(self.tmp / "run" / "vhost-user" / bus)]
+            args += ["--venets", ",".join(VENETS)]
             members = self.admin_dir / "buses" / TRANSIENT_BUS / "members"
             if self.own_uid and os.path.ismount(self.admin_dir) and members.exists():
                 args += ["--members-file", str(members)]

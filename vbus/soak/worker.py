@@ -137,6 +137,7 @@ async def run_bad(args: argparse.Namespace) -> int:
         hugepages=args.hugepages,
         members_fd=args.members_fd,
         hold=args.hold,
+        venets=tuple(v for v in args.venets.split(",") if v),
         on_note=lambda behaviour, what: emit("note", behaviour=behaviour, what=what),
     )
     behaviours = []
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     bad.add_argument("--hold", type=float, default=0.2, help="seconds a reached bound is kept")
     bad.add_argument("--xen-socket", type=Path, help="the daemon's xen.sock")
     bad.add_argument("--xen-domids", default="", help="domids admitted to its bus, comma-separated")
+    bad.add_argument("--venets", default="", help="venet devices of one switch on its bus")
     return parser
 
 

@@ -17,9 +17,10 @@ to a per-uid bound, so it runs under a uid that no other client uses.
 Extension point: a connector's catalogue is a module here that exports
 ``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
 ``_MODULES``: ``userspace.py`` (hostile processes), ``xen.py`` (hostile
-domains, which need ``xen_socket`` and a pool of admitted ``xen_domids``) and
-``vhost_user.py`` (hostile VMMs, which need ``vhost_dir``).  A connector's
-``Context`` needs are optional fields below.
+domains, which need ``xen_socket`` and a pool of admitted ``xen_domids``),
+``vhost_user.py`` (hostile VMMs, which need ``vhost_dir``) and ``venet.py``
+(bad venet norths, which need ``venets``).  A connector's ``Context`` needs
+are optional fields below.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ _MODULES: dict[str, str] = {
     "userspace": "vbus.soak.catalogue.userspace",
     "xen": "vbus.soak.catalogue.xen",
     "vhost_user": "vbus.soak.catalogue.vhost_user",
+    "venet": "vbus.soak.catalogue.venet",
 }
 CONNECTORS: tuple[str, ...] = tuple(_MODULES)
 
@@ -107,6 +109,8 @@ class Context:
     # The vhost-user socket directory of the bad clients' bus, with one venet
     # per vhost_user behaviour, named after it (None: those cannot run).
     vhost_dir: Path | None = None
+    # venet devices of one switch on the bad client's bus (the venet catalogue's ports).
+    venets: tuple[str, ...] = ()
     rng: random.Random = field(init=False)
     gate: asyncio.Lock = field(init=False)  # connects vs. bursts of half-open sockets
     _free_domids: list[int] = field(init=False)
