@@ -64,7 +64,7 @@ __all__ = [
 log = get_logger("vbus.xenlab")
 
 # Bump when what `Build` makes from the same packages changes: it is part of the key.
-RECIPE = "5"
+RECIPE = "6"
 XEN = "4.17"
 KERNEL_META = "linux-image-amd64"
 PACKAGES = (
@@ -264,6 +264,8 @@ mkdir -p /proc /sys /dev /tmp /run /mnt
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts
+mount -t devpts devpts /dev/pts  # xenconsoled gives each domU console a pty
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 for m in $(cat /modules/order); do insmod /modules/$m || echo "xenlab: insmod $m failed"; done
@@ -488,8 +490,8 @@ class XenLab:
     """Xen + dom0 under QEMU TCG; scripts run in dom0 through the lab share.
 
     ``shares`` are host directories dom0 sees read-only at the same path;
-    ``/usr``, the running Python's prefixes, ``checkout`` and the Xen tools
-    are always shared.  Use as a context manager: leaving it tears down.
+    ``/usr``, the running Python's prefixes, ``checkout`` and the build
+    (its kernel, initramfs and unpacked tools) are always shared.  Use as a context manager: leaving it tears down.
     """
 
     def __init__(
@@ -513,7 +515,7 @@ class XenLab:
                 Path(sys.base_prefix),
                 self.interpreter.resolve().parent.parent,
                 self.checkout,
-                build.tools,
+                build.dir,
                 *shares,
             ]
         )
@@ -668,9 +670,9 @@ class XenLab:
         """``code`` run by the host's interpreter in dom0, from the checkout."""
         path = self.dir / "py" / f"{self._seq + 1:05d}.py"
         path.write_text(code)
-        return self.run(
-            f"cd {self.checkout} && exec {self.interpreter} {self.lab_path(path)}\n", timeout
-        )
+        # PYTHONPATH: a script's own directory heads sys.path, the checkout must come next
+        script = f"cd {self.checkout} && PYTHONPATH={self.checkout} exec {self.interpreter} "
+        return self.run(f"{script}{self.lab_path(path)}\n", timeout)
 
     def lab_path(self, host_path: Path) -> str:
         """Where dom0 sees a file of the lab directory."""
