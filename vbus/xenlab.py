@@ -519,8 +519,13 @@ class XenLab:
                 *shares,
             ]
         )
+        # past a script's timeout, how long to wait for the agent's answer (its own
+        # `timeout` kills the script first; a dom0 that stopped answering does not)
+        self.answer_grace = 30.0
+        self.exit_status: int | None = None  # QEMU's, once it is gone
         self._qemu: subprocess.Popen[bytes] | None = None
         self._seq = 0
+        self._answering = True  # false once the agent missed an answer: no more waiting on it
 
     @property
     def console_log(self) -> Path:  # Xen's and dom0's console (QEMU's serial port)
@@ -636,8 +641,12 @@ class XenLab:
                 f"QEMU exited {rc} while {doing}: {qemu_out}\nconsole:\n{self.console_tail()}"
             )
 
-    def run(self, script: str, timeout: float = 60.0) -> Result:
-        """Run ``script`` with dom0's sh; killed after ``timeout`` seconds (rc 137)."""
+    def run(self, script: str, timeout: float = 60.0, *, grace: float | None = None) -> Result:
+        """Run ``script`` with dom0's sh; killed after ``timeout`` seconds (rc 137).
+
+        ``TimedOut`` if no answer comes ``grace`` (default ``answer_grace``)
+        seconds after that.
+        """
         self._check_alive("starting a script")
         self._seq += 1
         name = f"{self._seq:05d}"
@@ -648,10 +657,11 @@ class XenLab:
         tmp.rename(self.dir / "req" / f"{name}.sh")
         out = self.dir / "out"
         rc_file = out / f"{name}.rc"
-        deadline = time.monotonic() + timeout + 30.0  # the agent's own timeout fires first
+        deadline = time.monotonic() + timeout + (self.answer_grace if grace is None else grace)
         while not rc_file.exists():
             self._check_alive(f"running script {name}")
             if time.monotonic() > deadline:
+                self._answering = False
                 raise TimedOut(f"dom0 script {name} gave no answer in {timeout:.0f} s")
             time.sleep(0.05)
         result = Result(
@@ -680,32 +690,35 @@ class XenLab:
 
     def collect(self) -> None:
         """Save Xen's ring buffer and dom0's kernel log into the lab directory."""
-        with contextlib.suppress(VbusError):
+        with contextlib.suppress(VbusError, OSError):
             self.run(
                 f"xl dmesg > {LAB_MOUNT}/xen-dmesg.log 2>&1; dmesg > {LAB_MOUNT}/dom0-dmesg.log",
-                timeout=20,
+                timeout=15,
+                grace=5,
             )
 
     def close(self) -> None:
         """Power off dom0 (its domUs die with Xen), and make sure QEMU is gone."""
-        qemu, self._qemu = self._qemu, None
+        qemu = self._qemu
         if qemu is None:
             return
-        if qemu.poll() is None and (self.dir / "ready").exists():
-            self._qemu = qemu
-            self.collect()
-            with contextlib.suppress(OSError):
+        try:
+            if qemu.poll() is None and (self.dir / "ready").exists():
+                if self._answering:
+                    self.collect()
                 req = self.dir / "req"
                 (req / "poweroff.tmp").write_text("poweroff -f\n")
                 (req / "poweroff.tmp").rename(req / "poweroff.sh")
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    qemu.wait(POWEROFF_TIMEOUT)
+        finally:
             self._qemu = None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                qemu.wait(POWEROFF_TIMEOUT)
-        if qemu.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(qemu.pid, signal.SIGKILL)
-            qemu.wait()
-        log.info("xenlab.stopped", rc=qemu.returncode)
+            if qemu.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(qemu.pid, signal.SIGKILL)
+                qemu.wait()
+            self.exit_status = qemu.returncode
+            log.info("xenlab.stopped", rc=qemu.returncode)
 
     def __enter__(self) -> XenLab:
         self.start()
