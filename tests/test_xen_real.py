@@ -177,11 +177,20 @@ with dom0.Gntdev() as gnt, dom0.EventChannels() as chans:
             report[name + "_len"] = len(ring.buffer)
             report["maps_while_mapped"] = gntdev_maps()
     report["maps_after_unmap"] = gntdev_maps()
+    with gnt.map(domid, [tx_ref, rx_ref], writable=False) as both:
+        # one mapping, two pages, in the order of the references
+        report["both"] = [list(struct.unpack_from("=IIII", both.buffer, off)) for off in (0, 4096)]
+        try:
+            both.buffer[64] = 0
+            report["readonly"] = "written"
+        except TypeError:
+            report["readonly"] = "refused"
     try:
         gnt.map(domid, [0xFFFFFF])  # far past the domU's grant table
         report["bad_ref"] = "mapped"
     except VbusError as exc:
         report["bad_ref"] = type(exc).__name__
+        report["bad_ref_message"] = str(exc)
     report["maps_after_bad_ref"] = gntdev_maps()
     port = chans.bind_interdomain(domid, remote_port)
     report["local_port"] = port
@@ -259,7 +268,9 @@ def test_domu_netfront_rings_map_and_bind_from_dom0(lab: XenLab, kind: str) -> N
     assert report["rx_len"] == 4096
     assert report["maps_while_mapped"] == 1
     assert report["maps_after_unmap"] == 0
-    assert report["bad_ref"] != "mapped"
+    assert report["both"] == [report["tx"], report["rx"]]
+    assert report["readonly"] == "refused"
+    assert report["bad_ref"] == "Invalid", report.get("bad_ref_message")
     assert report["maps_after_bad_ref"] == 0
     assert report["local_port"] > 0
     assert report["readable_after_bind"] is True
