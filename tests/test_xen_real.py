@@ -13,7 +13,9 @@ Needs QEMU and apt (``make test-xen``; ``.ci/system-deps`` installs QEMU as root
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +151,19 @@ def _frontend(lab: XenLab, name: str, domid: int) -> dict[str, int]:
     return {k: int(v) for k, v in (line.split("=", 1) for line in out.out.split())}
 
 
+def _interrupts(lab: XenLab, name: str, above: int = -1) -> int:
+    """netfront's interrupt count as the domU last reported it, once it is above ``above``."""
+    deadline = time.monotonic() + 60
+    while True:
+        counts = re.findall(r"xenlab-domu: eth0 interrupts (\d+)", _console(lab, name))
+        if counts and int(counts[-1]) > above:
+            return int(counts[-1])
+        assert time.monotonic() < deadline, (
+            f"no eth0 interrupt count above {above}; domU console:\n{_console(lab, name)}"
+        )
+        time.sleep(0.5)
+
+
 def _console(lab: XenLab, name: str) -> str:
     path = lab.logs / f"guest-{name}.log"
     return path.read_text(errors="replace")[-3000:] if path.exists() else "(no console log)"
@@ -247,6 +262,7 @@ def test_domu_netfront_rings_map_and_bind_from_dom0(lab: XenLab, kind: str) -> N
         front = _frontend(lab, name, domid)
         assert front["request-rx-copy"] == 1
         assert front["tx-ring-ref"] != front["rx-ring-ref"]
+        before = _interrupts(lab, name)
         result = lab.python(
             DOM0_SIDE.format(
                 domid=domid,
@@ -256,6 +272,8 @@ def test_domu_netfront_rings_map_and_bind_from_dom0(lab: XenLab, kind: str) -> N
             )
         )
         report = json.loads(result.check("dom0 side").splitlines()[-1])  # after the log lines
+        # the notify reached the domU: netfront's interrupt count went up
+        after = _interrupts(lab, name, above=before)
     finally:
         _destroy(lab, name, domid)
     # a fresh tx ring (SHARED_RING_INIT; the domU's eth0 is down, so nothing sent):
@@ -276,6 +294,7 @@ def test_domu_netfront_rings_map_and_bind_from_dom0(lab: XenLab, kind: str) -> N
     assert report["readable_after_bind"] is True
     assert report["pending_after_bind"] == [report["local_port"]]
     assert report["pending_after_notify"] == []
+    assert after > before
     assert report["ports_after_unbind"] == []
     assert report["bad_port"] != "bound"
     assert report["fds_open"] == report["fds_before"] + 2

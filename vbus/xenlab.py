@@ -64,7 +64,7 @@ __all__ = [
 log = get_logger("vbus.xenlab")
 
 # Bump when what `Build` makes from the same packages changes: it is part of the key.
-RECIPE = "6"
+RECIPE = "7"
 XEN = "4.17"
 KERNEL_META = "linux-image-amd64"
 PACKAGES = (
@@ -285,7 +285,7 @@ exec /bin/sh LAB/agent.sh > /dev/console 2>&1
 DOM0_LINKS = {"lib": "usr/lib", "lib64": "usr/lib64"}
 
 DOMU_INIT = r"""#!/bin/busybox sh
-# A domU of the vbus Xen lab: netfront only, then wait to be destroyed.
+# A domU of the vbus Xen lab: netfront, and its interrupt count, until destroyed.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mkdir -p /proc /sys /dev
@@ -295,7 +295,14 @@ mount -t devtmpfs devtmpfs /dev
 echo "xenlab-domu: up"
 for m in $(cat /modules/order); do insmod /modules/$m || echo "xenlab-domu: insmod $m failed"; done
 echo "xenlab-domu: netfront loaded"
-while :; do sleep 3600; done
+# Report netfront's interrupt count whenever it changes: dom0's test sees on
+# this console that its event channel notifications arrive.
+last=""
+while :; do
+    now=$(awk '/ eth0$/ { print $2 }' /proc/interrupts)  # one vcpu: one count
+    [ -n "$now" ] && [ "$now" != "$last" ] && echo "xenlab-domu: eth0 interrupts $now" && last=$now
+    sleep 1
+done
 """
 
 
@@ -718,7 +725,7 @@ class XenLab:
                     os.killpg(qemu.pid, signal.SIGKILL)
                 qemu.wait()
             self.exit_status = qemu.returncode
-            log.info("xenlab.stopped", rc=qemu.returncode)
+            log.info("xenlab.stopped", rc=qemu.returncode, dir=str(self.dir))
 
     def __enter__(self) -> XenLab:
         self.start()
