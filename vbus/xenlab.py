@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -455,9 +455,10 @@ ln -sfn /run /var/run
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/lib/xenstored /var/log/xen /etc/xen $LAB/logs
 printf 'autoballoon="off"\n' > /etc/xen/xl.conf
 echo "xenlab: dom0 $(uname -r), shares mounted"
-xenstored --pid-file /run/xenstored.pid || echo "xenlab: xenstored failed"
-xen-init-dom0 || echo "xenlab: xen-init-dom0 failed"
-xenconsoled --log=guest --log-dir=$LAB/logs || echo "xenlab: xenconsoled failed"
+fatal() { echo "xenlab: FATAL: $*"; while :; do sleep 3600; done; }  # the host reads it
+xenstored --pid-file /run/xenstored.pid || fatal "xenstored failed"
+xen-init-dom0 || fatal "xen-init-dom0 failed"
+xenconsoled --log=guest --log-dir=$LAB/logs || fatal "xenconsoled failed"
 mkdir -p $LAB/req $LAB/run $LAB/out
 echo "xenlab: agent ready"
 echo ready > $LAB/ready
@@ -498,7 +499,8 @@ class XenLab:
 
     ``shares`` are host directories dom0 sees read-only at the same path;
     ``/usr``, the running Python's prefixes, ``checkout`` and the build
-    (its kernel, initramfs and unpacked tools) are always shared.  Use as a context manager: leaving it tears down.
+    (its kernel, initramfs and unpacked tools) are always shared.  Use it as
+    a context manager: leaving it tears down.
     """
 
     def __init__(
@@ -597,14 +599,15 @@ class XenLab:
         argv = self._qemu_argv()
         (self.dir / "qemu.argv").write_text(" ".join(argv) + "\n")
         started = time.monotonic()
-        self._qemu = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=(self.dir / "qemu.out").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_pdeathsig,
-        )
+        with (self.dir / "qemu.out").open("wb") as qemu_out:
+            self._qemu = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_pdeathsig,
+            )
         log.info("xenlab.booting", pid=self._qemu.pid, dir=str(self.dir))
         try:
             self._wait_ready(started)
@@ -738,14 +741,6 @@ class XenLab:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def booted(workdir: Path, checkout: Path) -> Iterator[XenLab]:
-    """A built and booted lab, torn down on leaving."""
-    lab = XenLab(Build.ensure(), workdir, checkout=checkout)
-    with lab:
-        yield lab
 
 
 def main(argv: Sequence[str] | None = None) -> int:
