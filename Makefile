@@ -21,7 +21,7 @@ quietly = echo "vbus: $(1)"; { $(2); } >>$(LOG) 2>&1 || { status=$$?; \
           echo "vbus: $(1) failed (exit status $$status); output from $(LOG):" >&2; \
           cat $(LOG) >&2; exit $$status; }
 
-.PHONY: run test lint typecheck unit system-deps clean bench fuzz install-service
+.PHONY: run test test-xen lint typecheck unit system-deps clean bench fuzz install-service
 
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory system-deps
@@ -51,6 +51,11 @@ typecheck: $(STAMP)
 test: system-deps $(STAMP) lint typecheck
 	VBUS_TEST_LOOP=uvloop $(PY) -m pytest -q $(PYTEST_ARGS)
 	VBUS_TEST_LOOP=asyncio $(PY) -m pytest -q -m 'asyncio or integration' $(PYTEST_ARGS)
+
+## test-xen: vbus's dom0 side on the real Xen hypervisor under QEMU TCG (also part of test, where QEMU is)
+XEN_TESTS := tests/test_xen_real.py tests/test_xen_dom0.py tests/test_xenlab.py
+test-xen: system-deps $(STAMP)
+	$(PY) -m pytest -q $(XEN_TESTS) $(PYTEST_ARGS)
 
 ## bench: side-by-side benchmarks (never part of make test); ARGS="--quick --json F --plot F.png"
 bench: $(STAMP) $(VENV)/.bench-installed

@@ -10,6 +10,7 @@
 - ``abi``: the attach protocol on ``<run-dir>/xen.sock``, the call page and
   the xenstore layout of a vbus device.
 - ``domu``: the domain's side (``vbus xen domu``): attach, the frontend.
+- ``dom0``: the hypervisor interface of a real dom0 (gntdev, evtchn; 4.8).
 
 The connector itself is ``vbus.connectors.xen`` (docs/design.md 4.6).
 """
