@@ -1,8 +1,8 @@
 """vbusd: the host daemon.  Wiring, event loop, logging and lifecycle only.
 
 Start-up: load the deviceclasses, build the topology (``--config`` or the
-embedded default), take the run directory's lock, serve the userspace socket,
-tell systemd ``READY=1``.  SIGTERM/SIGINT: tell every client, release
+embedded default), take the run directory's lock, serve the userspace socket
+(``vbus.sock``) and the kvm one (``kvm.sock``), tell systemd ``READY=1``.  SIGTERM/SIGINT: tell every client, release
 everything, remove the socket, exit 0.
 """
 
@@ -27,6 +27,7 @@ from vbus.admin.fs import AdminTree
 from vbus.admin.mount import AdminMount, mount_admin_tree
 from vbus.admin.state import StateStore, default_state_path
 from vbus.connectors.base import Connector, Limits
+from vbus.connectors.kvm import KvmConnector
 from vbus.connectors.userspace import UserspaceConnector
 from vbus.core.config import apply_config, default_config_text, load_config_text
 from vbus.core.model import Topology
@@ -259,18 +260,22 @@ async def serve(args: argparse.Namespace) -> int:
             "errors_logged": errors_logged(),
         }
 
+    kvm_path = run_dir / "kvm.sock"
     connectors: list[Connector] = [
-        UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger)
+        UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger),
+        KvmConnector(topology, kvm_path, loop, limits, tasks, ledger),
     ]
+    serving = sock_path
     try:
-        _clear_stale_socket(sock_path)
-        for connector in connectors:
+        for connector, path in zip(connectors, (sock_path, kvm_path), strict=True):
+            serving = path
+            _clear_stale_socket(path)
             connector.start()
     except OSError as exc:
         for connector in connectors:
             connector.stop("daemon failed to start")
         lock.close()
-        raise StartupError(f"cannot serve {sock_path}: {exc.strerror}") from None
+        raise StartupError(f"cannot serve {serving}: {exc.strerror}") from None
 
     monitor.start()
 
@@ -290,6 +295,7 @@ async def serve(args: argparse.Namespace) -> int:
         version=__version__,
         pid=os.getpid(),
         socket=str(sock_path),
+        kvm_socket=str(kvm_path),
         config=source,
         loop=loop_name,
         admin=str(admin.path) if admin else None,
