@@ -193,7 +193,7 @@ def test_every_file_reads_back_with_a_newline(tree: Tree) -> None:
 
 
 def test_deviceclasses_describe_and_refuse_changes(tree: Tree) -> None:
-    assert tree.ok("ls deviceclasses").split() == ["echo"]
+    assert tree.ok("ls deviceclasses").split() == ["echo", "venet"]
     assert "Loops queue 0 into queue 1" in tree.cat("deviceclasses/echo/description")
     assert tree.cat("deviceclasses/echo/attributes") == (
         "mode kind=choice default=echo choices=echo,sink "

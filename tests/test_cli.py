@@ -73,12 +73,11 @@ async def test_client_falls_back_to_the_next_socket(
 
 @pytest.mark.integration
 def test_unprivileged_client_says_what_it_tried(tmp_path: Path) -> None:
+    """uid 65534 has no daemon of its own: it tries its own socket, then the
+    system daemon's.  Where a system daemon runs, reaching it (and being told
+    it is on no bus) is the proof; where none runs, the error names both."""
     require(os.geteuid() == 0, "runs the client as uid 65534")
     require(shutil.which("setpriv") is not None, "setpriv (util-linux)")
-    require(
-        not (SYSTEM_RUN_DIR / "vbus.sock").exists(), "a system vbusd is running on this machine"
-    )
-    os.chmod(tmp_path, 0o755)
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
     proc = run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *VBUS, "devices"],
@@ -86,7 +85,10 @@ def test_unprivileged_client_says_what_it_tried(tmp_path: Path) -> None:
         cwd="/",
     )
     line = one_line_error(proc)
-    assert "/tmp/vbus-65534/vbus/vbus.sock" in line and "/run/vbus/vbus.sock" in line
+    if "not a member" in line:  # a system vbusd answered
+        assert (SYSTEM_RUN_DIR / "vbus.sock").exists()
+        return
+    assert "/tmp/vbus-65534/vbus/vbus.sock" in line and "/run/vbus/vbus.sock" in line, line
     assert "--socket" in line and "VBUS_SOCKET" in line
 
 

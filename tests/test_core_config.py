@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from typing import Any
 
 import pytest
 
-from vbus.core.config import apply_config, default_config_text, load_config_text
+from vbus.core.config import apply_config, check_config, default_config_text, load_config_text
 from vbus.core.device import Attribute, DeviceModel, Session
 from vbus.core.members import Domain, Peer
 from vbus.core.model import Connection, Topology
 from vbus.core.registry import Registry
-from vbus.errors import Busy, Exists, Invalid, NoSuchTask, NotFound, VbusError
+from vbus.errors import Busy, Denied, Exists, Invalid, NoSuchTask, NotFound, VbusError
 
 SELF_UID = 1000
 SOURCE = "/etc/vbus/topology.toml"
@@ -89,6 +90,10 @@ devices = ["echo0", "k"]
 
 def test_load_good_config() -> None:
     cfg = load_config_text(GOOD, SOURCE)
+    lines = cfg.pop("lines")
+    assert lines[("devices", "k", "label")] == 10
+    assert lines[("buses", "default")] == 12
+    assert lines[("buses", "spare")] == 16
     assert cfg == {
         "source": SOURCE,
         "devices": {
@@ -103,7 +108,12 @@ def test_load_good_config() -> None:
 
 
 def test_load_empty_config() -> None:
-    assert load_config_text("", "empty") == {"source": "empty", "devices": {}, "buses": {}}
+    assert load_config_text("", "empty") == {
+        "source": "empty",
+        "devices": {},
+        "buses": {},
+        "lines": {},
+    }
 
 
 @pytest.mark.parametrize(
@@ -147,9 +157,9 @@ def test_load_errors_name_source_and_key(text: str, where: str) -> None:
     with pytest.raises(Invalid) as info:
         load_config_text(text, SOURCE)
     message = info.value.message
-    assert message.startswith(f"{SOURCE}: ")
+    assert re.match(rf"{re.escape(SOURCE)}(:\d+)?: ", message), message
     if where:
-        assert message.startswith(f"{SOURCE}: {where}: "), message
+        assert re.match(rf"{re.escape(SOURCE)}(:\d+)?: {re.escape(where)}: ", message), message
 
 
 def test_load_error_for_bad_toml_says_so() -> None:
@@ -194,7 +204,9 @@ def test_apply_errors_are_all_or_nothing(
     cfg = load_config_text(GOOD + text, SOURCE)
     with pytest.raises(error) as info:
         apply_config(topo, cfg)
-    assert info.value.message.startswith(f"{SOURCE}: {where}: "), info.value.message
+    assert re.match(rf"{re.escape(SOURCE)}:\d+: {re.escape(where)}: ", info.value.message), (
+        info.value.message
+    )
     assert topo.snapshot()["devices"] == {}
     assert topo.snapshot()["buses"] == {}
 
@@ -214,9 +226,79 @@ def test_dom0_refusal_says_why() -> None:
     with pytest.raises(Invalid) as info:
         load_config_text("[buses.x]\nmembers = ['domid:0']\n", SOURCE)
     assert info.value.message == (
-        f"{SOURCE}: buses.x.members: bad member rule 'domid:0': "
+        f"{SOURCE}:2: buses.x.members: bad member rule 'domid:0': "
         "domid 0 is dom0, which is never a member"
     )
+
+
+LAB = """\
+[devices.echo0]
+class = "echo"
+mode = "sink"
+
+[buses.lab]
+members = ["uid:1000", "pid:4242", "domid:7"]
+devices = ["echo0"]
+"""
+
+
+def test_errors_point_at_the_line(topo: Topology) -> None:
+    with pytest.raises(NoSuchTask) as info:
+        apply_config(topo, load_config_text(LAB, SOURCE))
+    assert info.value.message == (
+        f"{SOURCE}:6: buses.lab.members: 'pid:4242': no such task 4242 "
+        "(a pid rule must name a running process)"
+    )
+    with pytest.raises(Invalid) as bad_value:
+        apply_config(topo, load_config_text(LAB.replace('"sink"', '"loud"'), SOURCE))
+    assert bad_value.value.message.startswith(f"{SOURCE}:3: devices.echo0.mode: ")
+    with pytest.raises(Invalid) as bad_toml:
+        load_config_text(LAB.replace("[buses.lab]", "[buses.lab"), SOURCE)
+    assert bad_toml.value.message.startswith(f"{SOURCE}:5: not valid TOML ("), bad_toml.value
+    assert "(at line" not in bad_toml.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "line"),
+    [
+        # The nearest enclosing key or table that is written in the file.
+        ("[buses]\nlab = { members = ['gid:1'] }\n", "buses.lab.members", 2),
+        ("[devices.'a.b']\n\nclass = 5\n", "devices.a.b.class", 3),
+        ('\n[ devices . "x" ]   # a comment\nclass = "echo"\nratio = 1.5\n', "devices.x.ratio", 4),
+        ("\n\n[devices.x]\n", "devices.x", 3),
+        ("[buses.default]\nmembers = [\n  'uid:1',\n  'gid:2',\n]\n", "buses.default.members", 2),
+    ],
+)
+def test_line_of_keys_written_in_any_toml_style(text: str, where: str, line: int) -> None:
+    with pytest.raises(Invalid) as info:
+        load_config_text(text, SOURCE)
+    assert info.value.message.startswith(f"{SOURCE}:{line}: {where}: "), info.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "error", "where"),
+    [
+        ("[devices.x]\nclass = 'nope'", Invalid, "devices.x.class"),
+        ("[devices.x]\nclass = 'echo'\nmode = 'loud'", Invalid, "devices.x.mode"),
+        ("[devices.x]\nclass = 'echo'\ncolour = 'red'", Invalid, "devices.x.colour"),
+        ("[devices.x]\nclass = 'knobs'\nsize = 0", Invalid, "devices.x.size"),
+        ("[devices.x]\nclass = 'knobs'\nserial = 'z'", Denied, "devices.x.serial"),
+    ],
+)
+def test_check_config_finds_device_errors_without_creating_anything(
+    topo: Topology, text: str, error: type[VbusError], where: str
+) -> None:
+    with pytest.raises(error) as info:
+        check_config(load_config_text(text, SOURCE), topo.registry)
+    assert re.match(rf"{re.escape(SOURCE)}:\d+: {re.escape(where)}: ", info.value.message)
+    assert topo.snapshot()["devices"] == {}
+
+
+def test_check_config_passes_what_applies(topo: Topology) -> None:
+    cfg = load_config_text(GOOD, SOURCE)
+    check_config(cfg, topo.registry)
+    assert topo.snapshot()["devices"] == {}  # checking created nothing
+    apply_config(topo, cfg)
 
 
 def test_apply_twice_conflicts_and_keeps_the_first(topo: Topology) -> None:

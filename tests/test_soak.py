@@ -210,7 +210,7 @@ def test_report_renders_and_summarises() -> None:
     summary = table["stall"].as_dict()
     assert (summary["instances"], summary["ok"], summary["failed"]) == (2, 1, 1)
     assert summary["failures"] == ["client error: boom"]
-    assert summary["reactions"] == {"backpressure after #": 1, "client error": 1}
+    assert summary["reactions"] == {"backpressure after 4": 1, "client error": 1}
 
 
 def _soak(

@@ -151,3 +151,17 @@ async def test_a_slow_disk_never_stalls_the_loop(
     assert took >= 2 * slow  # the file's fsync and the directory's were awaited
     assert off_loop < slow / 2, f"the loop stalled {off_loop:.3f} s during commit()"
     assert monitor.worst >= slow, "the monitor did not see a blocking fsync"
+
+
+def test_keep_previous_copies_whatever_the_file_holds(tmp_path: Path) -> None:
+    store = store_of(tmp_path)
+    assert store.keep_previous() is None  # nothing to keep on a first start
+    assert not store.previous_path.exists()
+    store.path.parent.mkdir()
+    store.path.write_bytes(b"{damaged")
+    assert store.keep_previous() == store.previous_path == store.path.with_name("state.json.old")
+    assert store.previous_path.read_bytes() == b"{damaged"
+    assert store.path.read_bytes() == b"{damaged"  # a copy: the reset's save replaces the file
+    store.save_sync({"a": 1})
+    assert store.load() == {"a": 1}
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["state.json", "state.json.old"]

@@ -7,10 +7,12 @@ import asyncio
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vbus import __version__
+from vbus import tap as tap_command
 from vbus.client import connect
 from vbus.errors import Denied, VbusError
 from vbus.paths import socket_candidates
@@ -44,7 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("data", nargs="?", default="", help="request data (UTF-8 text)")
     _add_soak(sub)
     _add_bench(sub)
+    tap_command.add_parser(sub)
     return parser
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a finite number above zero."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above zero, not {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_soak(sub: Any) -> None:
@@ -56,11 +75,21 @@ def _add_soak(sub: Any) -> None:
         "bounds.  Exit status 1 when a bound is broken.",
     )
     soak.add_argument(
-        "--duration", type=float, default=60.0, help="seconds of baseline + misbehaving"
+        "--duration",
+        type=_positive(float),
+        default=60.0,
+        help="seconds of baseline + misbehaving together, at least 4 (default: 60)",
     )
-    soak.add_argument("--good", type=int, default=8, help="good clients (tasks in one process)")
     soak.add_argument(
-        "--bad", default="all", help="all, a connector, or a comma-separated list of misbehaviours"
+        "--good",
+        type=_positive(int),
+        default=8,
+        help="good clients, tasks in one process (default: 8)",
+    )
+    soak.add_argument(
+        "--bad",
+        default="all",
+        help="all, a connector, or a comma-separated list of misbehaviours (default: all; see --list)",
     )
     soak.add_argument("--json", type=Path, help="write every figure to this file")
     soak.add_argument("--attach", type=Path, metavar="SOCKET", help="use a running daemon")
@@ -71,10 +100,15 @@ def _add_soak(sub: Any) -> None:
         help="event loop of the daemon and the clients (default: uvloop)",
     )
     soak.add_argument(
-        "--rate", type=float, default=10000.0, help="messages/s each good client offers"
+        "--rate",
+        type=_positive(float),
+        default=10000.0,
+        help="messages/s each good client offers (default: 10000)",
     )
-    soak.add_argument("--device", default="echo0", help="the echo device to use")
-    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument("--device", default="echo0", help="the echo device to use (default: echo0)")
+    soak.add_argument(
+        "--seed", type=int, default=0, help="seed of the misbehaviours' random choices (default: 0)"
+    )
     soak.add_argument("--keep", action="store_true", help="keep the temporary directory")
     soak.add_argument("--list", action="store_true", help="list the misbehaviours and exit")
 
@@ -120,7 +154,9 @@ def _add_bench(sub: Any) -> None:
         "prints medians and ratios of medians.  Exit status 1 only if a run crashed.",
     )
     bench.add_argument("--quick", action="store_true", help="one short round (a smoke run)")
-    bench.add_argument("--rounds", type=int, help="rounds per variant (default 3; 1 with --quick)")
+    bench.add_argument(
+        "--rounds", type=_positive(int), help="rounds per variant (default 3; 1 with --quick)"
+    )
     bench.add_argument("--only", default="", help="comma-separated subjects (default: all)")
     bench.add_argument("--json", type=Path, help="write every figure and the machine to FILE")
     bench.add_argument("--plot", type=Path, help="bar chart of the ratios to FILE.png")
@@ -130,7 +166,7 @@ def _add_bench(sub: Any) -> None:
         default="uvloop",
         help="event loop of every side: the daemon, the client library, the bare echoes (default: uvloop)",
     )
-    bench.add_argument("--duration", type=float, help="seconds per streaming run")
+    bench.add_argument("--duration", type=_positive(float), help="seconds per streaming run")
     bench.add_argument(
         "--profile",
         type=Path,
@@ -242,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return _soak(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "tap":
+        return tap_command.main(args)
     handler = {"devices": _devices, "status": _status, "call": _call}[args.command]
     try:
         return asyncio.run(handler(args))

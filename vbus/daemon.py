@@ -1,9 +1,12 @@
 """vbusd: the host daemon.  Wiring, event loop, logging and lifecycle only.
 
-Start-up: load the deviceclasses, build the topology (``--config`` or the
-embedded default), take the run directory's lock, serve the userspace socket
-(``vbus.sock``) and the kvm one (``kvm.sock``), tell systemd ``READY=1``.  SIGTERM/SIGINT: tell every client, release
-everything, remove the socket, exit 0.
+Start-up: load the deviceclasses, check ``--config``, take the run
+directory's lock, build the topology (the state file, else ``--config`` or
+the embedded default), serve the userspace socket (``vbus.sock``) and the kvm
+one (``kvm.sock``), tell systemd ``READY=1``.
+A start that fails says why in one line on stderr and exits 1.
+SIGTERM/SIGINT: tell every client, release everything, remove the socket,
+exit 0.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import math
 import os
 import resource
 import signal
@@ -29,7 +33,7 @@ from vbus.admin.state import StateStore, default_state_path
 from vbus.connectors.base import Connector, Limits
 from vbus.connectors.kvm import KvmConnector
 from vbus.connectors.userspace import UserspaceConnector
-from vbus.core.config import apply_config, default_config_text, load_config_text
+from vbus.core.config import apply_config, check_config, default_config_text, load_config_text
 from vbus.core.model import Topology
 from vbus.core.registry import Registry
 from vbus.core.resources import Ledger, ResourceLimits, format_size, parse_size
@@ -49,24 +53,60 @@ class StartupError(Exception):
     """A reason not to start, said in one line."""
 
 
+TOPOLOGY_AT_START = """\
+topology at start:
+  1. the state file (--state), if it exists: what the admin tree last had;
+     --config is then not applied (a warning says so), but it is still checked
+  2. else --config FILE
+  3. else the embedded default: bus 'default' admitting the daemon's uid, with
+     the echo device 'echo0'
+  --reset-state skips 1: the state file is replaced by 2 or 3, the previous
+  one kept as STATE.old.
+
+A failed start prints one line (vbusd: FILE:LINE: KEY: what is wrong) and
+exits with status 1.  With $NOTIFY_SOCKET set (systemd Type=notify) it sends
+READY=1 once it serves, and STOPPING=1.
+"""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it means something and the text has not
+    already said it: not for flags, not for None (computed at start)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     limits = Limits()
     parser = argparse.ArgumentParser(
         prog="vbusd",
-        description="The vbus host daemon: serves virtual devices on buses to processes "
+        description="The vbus host daemon: serves virtual devices on buses to processes\n"
         "over a Unix socket and shared-memory rings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=TOPOLOGY_AT_START,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--config",
         type=Path,
-        help="TOML topology to start with (default: the embedded one: bus 'default' "
-        "admitting the daemon's uid, with echo device 'echo0')",
+        metavar="FILE",
+        help="TOML topology to start with when there is no state file yet (default: the "
+        "embedded one); a missing or bad FILE is an error even when it is not applied",
+    )
+    parser.add_argument(
+        "--reset-state",
+        action="store_true",
+        help="start from --config (or the embedded default) even if the state file exists: "
+        "it is replaced, the previous one kept as STATE.old",
     )
     parser.add_argument(
         "--run-dir",
         type=Path,
         default=None,
+        metavar="RUN_DIR",
         help="directory for vbus.sock and the lock (default: /run/vbus as root, "
         "else $XDG_RUNTIME_DIR/vbus)",
     )
@@ -74,14 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--state",
         type=Path,
         default=None,
+        metavar="STATE",
         help="where the admin state is persisted (default: /var/lib/vbus/state.json as "
-        "root, else $XDG_STATE_HOME/vbus/state.json); --config only applies while it "
-        "does not exist yet",
+        "root, else $XDG_STATE_HOME/vbus/state.json)",
     )
     parser.add_argument(
         "--admin-dir",
         type=Path,
         default=None,
+        metavar="DIR",
         help="mount point of the admin tree (default: RUN_DIR/admin)",
     )
     parser.add_argument(
@@ -91,25 +132,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
-        help="event loop (default: uvloop; asyncio is the standard library's)",
+        help="event loop: uvloop, or the standard library's asyncio",
     )
-    parser.add_argument("--log-format", choices=("console", "json"), default="console")
     parser.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+        "--log-format",
+        choices=("console", "json"),
+        default="console",
+        help="log lines on stderr: for people, or one JSON object per line",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="the least important events logged",
     )
     parser.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=_seconds,
         default=limits.handshake_timeout,
-        help="seconds a new connection has to say HELLO",
+        metavar="SECONDS",
+        help="time a new connection has to say HELLO",
     )
     parser.add_argument(
-        "--max-connections-per-uid", type=int, default=limits.max_connections_per_uid
+        "--max-connections-per-uid",
+        type=_count,
+        default=limits.max_connections_per_uid,
+        metavar="N",
+        help="connections one uid may hold at once",
     )
     parser.add_argument(
         "--max-pending-per-uid",
-        type=int,
+        type=_count,
         default=limits.max_pending_per_uid,
+        metavar="N",
         help="connections per uid that may wait for their handshake at once",
     )
     bounds = ResourceLimits()
@@ -162,8 +217,18 @@ def _size(text: str) -> int:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if size <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
+        raise argparse.ArgumentTypeError(f"must be a positive size, not {text!r}")
     return size
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -172,7 +237,7 @@ def _count(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
     return value
 
 
@@ -211,12 +276,22 @@ async def serve(args: argparse.Namespace) -> int:
 
     registry = Registry.from_entry_points()
     tasks = ProcTasks()
-    topology = Topology(registry, tasks, os.getuid(), boot_id=tasks.boot_id())
+    # Checked before anything else: a bad file is an error even when the state
+    # file will win, and nothing is taken or created for a start that fails.
+    config = _read_config(args.config, registry) if args.config is not None else None
+    topology_log = _StartLog(get_logger("vbus.core"))
+    topology = Topology(registry, tasks, os.getuid(), boot_id=tasks.boot_id(), log=topology_log)
     run_dir: Path = args.run_dir or default_run_dir()
     lock = _take_run_dir(run_dir, explicit=args.run_dir is not None)
     store = StateStore(args.state or default_state_path(), topology.snapshot)
-    state_lock = _lock_state(store.path)
-    source = _restore(topology, store, args.config)
+    try:
+        state_lock = _lock_state(store.path)
+        source = _restore(topology, store, config, reset=args.reset_state, say=_console_say(args))
+    except StartupError:
+        (run_dir / "vbusd.pid").unlink(missing_ok=True)
+        lock.close()
+        raise
+    topology_log.starting = False
     sock_path = run_dir / "vbus.sock"
     limits = Limits(
         handshake_timeout=args.handshake_timeout,
@@ -324,47 +399,113 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore(topology: Topology, store: StateStore, config: Path | None) -> str:
-    """Rebuild the topology from the persisted state, or on a first start from
-    ``config`` (or the embedded default), which is then persisted.  Returns
-    where the topology came from."""
+class _StartLog:
+    """The topology's logger.  While the start-up builds the topology (and,
+    for a bad file, rolls it back) each step is a debug event: a start shows
+    its outcome, ``daemon.ready`` or one line of error, not every step."""
+
+    KEPT = frozenset({"member.not_restored"})  # news for the administrator
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+        self.starting = True
+
+    def info(self, event: str, **fields: Any) -> None:
+        if self.starting and event not in self.KEPT:
+            self._log.debug(event, **fields)
+        else:
+            self._log.info(event, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+
+def _read_config(path: Path, registry: Registry) -> dict[str, Any]:
+    """Read, parse and check ``--config`` (no topology is touched)."""
     try:
-        saved = store.load()
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StartupError(f"cannot read --config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise StartupError(f"{path}: not UTF-8 text") from None
+    try:
+        cfg = load_config_text(text, str(path))
+        check_config(cfg, registry)
     except VbusError as exc:
-        raise StartupError(f"{exc.message}; move it away to start from the configuration") from None
+        raise StartupError(exc.message) from None
+    return cfg
+
+
+def _console_say(args: argparse.Namespace) -> Any:
+    """One line of prose to stderr beside a warning, for people (console logs);
+    JSON logs carry the same text in the event's ``hint``."""
+    return _say if args.log_format == "console" else (lambda line: None)
+
+
+def _restore(
+    topology: Topology,
+    store: StateStore,
+    config: dict[str, Any] | None,
+    *,
+    reset: bool = False,
+    say: Any = None,
+) -> str:
+    """Rebuild the topology from the persisted state, or on a first start (or
+    with ``reset``) from ``config`` (or the embedded default), which is then
+    persisted.  Returns where the topology came from."""
     if store.clear_leftovers():
         log.info("state.leftovers_removed", state=str(store.path))
-    if saved is not None:
+    hint = f"start with --reset-state to replace it (it is kept as {store.previous_path})"
+    if not reset:
         try:
-            topology.apply(saved)
+            saved = store.load()
         except VbusError as exc:
-            raise StartupError(f"cannot restore {store.path}: {exc.message}") from None
-        if config is not None:
-            log.info("state.config_ignored", config=str(config), state=str(store.path))
-        log.info(
-            "state.restored",
-            state=str(store.path),
-            buses=len(topology.buses()),
-            devices=len(topology.devices()),
-        )
-        return str(store.path)
-    if config is not None:
-        try:
-            text = config.read_text()
-        except OSError as exc:
-            raise StartupError(f"cannot read config {config}: {exc.strerror}") from None
-        source = str(config)
-    else:
-        text, source = default_config_text(), "embedded default"
+            raise StartupError(f"{exc.message}; {hint}") from None
+        if saved is not None:
+            try:
+                topology.apply(saved)
+            except VbusError as exc:
+                raise StartupError(f"cannot restore {store.path}: {exc.message}; {hint}") from None
+            if config is not None:
+                message = (
+                    f"--config {config['source']} is not applied: the state file {store.path} "
+                    "exists and holds the topology; to start from the configuration, "
+                    "use --reset-state"
+                )
+                log.warning(
+                    "state.config_ignored",
+                    config=config["source"],
+                    state=str(store.path),
+                    hint=message,
+                )
+                if say is not None:
+                    say(f"vbusd: warning: {message}")
+            log.info(
+                "state.restored",
+                state=str(store.path),
+                buses=len(topology.buses()),
+                devices=len(topology.devices()),
+            )
+            return str(store.path)
+    if config is None:
+        config = load_config_text(default_config_text(), "embedded default")
     try:
-        apply_config(topology, load_config_text(text, source))
+        apply_config(topology, config)
     except VbusError as exc:
-        raise StartupError(f"bad topology in {source}: {exc.message}") from None
+        raise StartupError(exc.message) from None
     try:
+        previous = store.keep_previous() if reset else None
         store.save_sync(topology.snapshot())
     except OSError as exc:
         raise StartupError(f"cannot write state {store.path}: {exc.strerror}") from None
-    return source
+    if reset:
+        log.info(
+            "state.reset",
+            state=str(store.path),
+            config=config["source"],
+            previous=str(previous) if previous else None,
+        )
+    return str(config["source"])
 
 
 async def _prune_members(topology: Topology, store: StateStore, every: float = 2.0) -> None:

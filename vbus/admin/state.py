@@ -80,24 +80,29 @@ class StateStore:
         return json.dumps(document, indent=1, sort_keys=True).encode()
 
     def _tmp(self) -> Path:
-        return self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
+        return _tmp_of(self.path)
 
     def save_sync(self, snapshot: dict[str, Any]) -> None:
         """Write atomically and durably: temp file, fsync, rename, fsync the
         directory.  Blocks: only for before the loop serves anybody."""
-        data, tmp = self._encode(snapshot), self._tmp()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, "wb", opener=_private) as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_directory(self.path.parent)
+        _write_durably(self.path, self._encode(snapshot))
         self.saves += 1
+
+    @property
+    def previous_path(self) -> Path:
+        """Where ``keep_previous`` puts the file a reset replaces."""
+        return self.path.with_name(f"{self.path.name}.old")
+
+    def keep_previous(self) -> Path | None:
+        """Before the state is reset (at start, before serving): copy the file,
+        whatever it holds (it may not even parse), to ``previous_path``.
+        Returns that path, or None when there is no file."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        _write_durably(self.previous_path, data)
+        return self.previous_path
 
     async def save(self, snapshot: dict[str, Any]) -> None:
         """``save_sync``'s steps, each awaited off the loop."""
@@ -123,6 +128,27 @@ class StateStore:
         save to finish holds every change acknowledged before it."""
         async with self._lock:
             await self.save(self.snapshot())
+
+
+def _tmp_of(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}.tmp"
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename over ``path``, fsync the
+    directory: on disk there is always the old file or the new one, whole."""
+    tmp = _tmp_of(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb", opener=_private) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
 
 
 def _private(path: str, flags: int) -> int:

@@ -5,7 +5,7 @@ Pure Python, no IO: process facts come from an injected ``TaskInfo``
 through ``Topology``; connectors get ``Connection`` objects from it.
 """
 
-from vbus.core.config import apply_config, default_config_text, load_config_text
+from vbus.core.config import apply_config, check_config, default_config_text, load_config_text
 from vbus.core.device import Attribute, DeviceModel, Session
 from vbus.core.members import (
     NOT_A_MEMBER,
@@ -63,6 +63,7 @@ __all__ = [
     "UidRule",
     "Vm",
     "apply_config",
+    "check_config",
     "default_config_text",
     "identity_fields",
     "load_config_text",

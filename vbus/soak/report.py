@@ -20,6 +20,7 @@ being a string.  Bounds (the exit status of ``vbus soak``):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "Bound",
     "check_bounds",
     "percentile",
+    "reaction_pattern",
     "render",
     "rss_limit_kib",
     "summarise_outcomes",
@@ -73,7 +75,7 @@ class BehaviourSummary:
     faults: int = 0
     detect: list[float] = field(default_factory=list)
     reclaimed: bool | None = None
-    reactions: dict[str, int] = field(default_factory=dict)
+    reactions: dict[tuple[str, ...], Reactions] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -87,15 +89,56 @@ class BehaviourSummary:
             "detect_p50_s": percentile(self.detect, 0.5),
             "detect_max_s": max(self.detect) if self.detect else None,
             "reclaimed": self.reclaimed,
-            "reactions": dict(sorted(self.reactions.items(), key=lambda kv: -kv[1])[:5]),
+            "reactions": {
+                kind.text(): kind.count
+                for kind in sorted(self.reactions.values(), key=lambda k: -k.count)[:5]
+            },
             "failures": self.failures[:10],
         }
 
 
-def _reaction_kind(reaction: str) -> str:
-    """Group reactions that differ only in numbers and addresses."""
-    head = reaction.split(":", 1)[0]
-    return "".join("#" if ch.isdigit() else ch for ch in head)[:80]
+# A number in a reaction: a hex address, or a decimal count, possibly with a fraction.
+_NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+(?:\.\d+)?")
+
+
+def reaction_pattern(reaction: str) -> tuple[tuple[str, ...], list[str]]:
+    """The reaction's words before any detailed reason (``...: reason``), split
+    around its numbers: reactions that differ only in numbers share the words."""
+    head = reaction.split(":", 1)[0][:80]
+    return tuple(_NUMBER.split(head)), _NUMBER.findall(head)
+
+
+def _number(text: str) -> float:
+    return float(int(text, 16)) if text.startswith("0x") else float(text)
+
+
+@dataclass
+class Reactions:
+    """Reactions of one pattern: how many, and the range each number spanned."""
+
+    words: tuple[str, ...]  # the text around the numbers: one more piece than numbers
+    count: int = 0
+    low: list[str] = field(default_factory=list)
+    high: list[str] = field(default_factory=list)
+
+    def add(self, numbers: list[str]) -> None:
+        self.count += 1
+        if not self.low:
+            self.low, self.high = list(numbers), list(numbers)
+            return
+        for i, number in enumerate(numbers):
+            if _number(number) < _number(self.low[i]):
+                self.low[i] = number
+            if _number(number) > _number(self.high[i]):
+                self.high[i] = number
+
+    def text(self) -> str:
+        """The pattern with each number in place: the value, or ``low-high`` when
+        the instances differed (``30-120 doorbells coalesced``)."""
+        shown = [
+            lo if lo == hi else f"{lo}-{hi}" for lo, hi in zip(self.low, self.high, strict=True)
+        ]
+        return "".join(w + n for w, n in zip(self.words, [*shown, ""], strict=True))
 
 
 def summarise_outcomes(
@@ -118,8 +161,11 @@ def summarise_outcomes(
         reclaimed = outcome.get("reclaimed")
         if reclaimed is not None:
             summary.reclaimed = bool(reclaimed) and summary.reclaimed is not False
-        kind = _reaction_kind(str(outcome.get("reaction", "")))
-        summary.reactions[kind] = summary.reactions.get(kind, 0) + 1
+        words, numbers = reaction_pattern(str(outcome.get("reaction", "")))
+        kind = summary.reactions.get(words)
+        if kind is None:
+            kind = summary.reactions[words] = Reactions(words)
+        kind.add(numbers)
     return table
 
 
@@ -265,8 +311,9 @@ def render(result: dict[str, Any]) -> str:
     cfg = result["config"]
     phases = result["phases"]
     lines.append(
-        f"vbus soak: {cfg['duration']:.0f} s (baseline {phases['baseline']['seconds']:.1f} s, "
-        f"misbehaving {phases['misbehaving']['seconds']:.1f} s), {cfg['good']} good clients "
+        f"vbus soak: {cfg['duration']:g} s = baseline {phases['baseline']['seconds']:.1f} s + "
+        f"misbehaving {phases['misbehaving']['seconds']:.1f} s (warm-up and settling on top), "
+        f"{cfg['good']} good clients "
         f"x {cfg['rate']:,.0f} msg/s offered, bad: {cfg['bad']}, loop {cfg['loop']}, "
         f"daemon pid {result['daemon'].get('pid')}" + (" (attached)" if cfg.get("attach") else "")
     )

@@ -1,6 +1,8 @@
 """``vbus soak``: the orchestrator.  Daemon, phases, sampling, progress, verdict.
 
-Timeline (``--duration`` covers the two measured phases)::
+Timeline (``--duration`` is the two measured phases together: a quarter of it,
+at least ``MIN_PHASE`` s, is the baseline, the rest misbehaving; the warm-up
+and the settling come on top, a few seconds)::
 
     start daemon (or attach)  -> sample "start"
     good worker up, warm-up   -> baseline phase (good clients only) -> sample "baseline"
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -71,6 +74,7 @@ SOAK_LIMITS: dict[str, float] = {
 _SIZES = ("max_shm_per_peer", "max_shm_per_uid")  # given to vbusd as SIZE (K/M/G)
 WARMUP = 2.0
 SAMPLE_EVERY = 0.5
+MIN_PHASE = 2.0  # seconds: the shortest baseline or misbehaving phase worth measuring
 
 
 @dataclass
@@ -89,11 +93,29 @@ class SoakConfig:
 
     @property
     def baseline_seconds(self) -> float:
-        return max(4.0, round(self.duration * 0.25, 1))
+        """A quarter of ``duration``, at least ``MIN_PHASE``, leaving the
+        misbehaving phase at least as much."""
+        quarter = max(MIN_PHASE, round(self.duration * 0.25, 1))
+        return min(quarter, max(MIN_PHASE, self.duration - MIN_PHASE))
 
     @property
     def bad_seconds(self) -> float:
-        return max(4.0, self.duration - self.baseline_seconds)
+        """The rest of ``duration``: the two phases add up to it."""
+        return self.duration - self.baseline_seconds
+
+    def problem(self) -> str | None:
+        """Why this configuration cannot run (the option's name and what it takes), or None."""
+        shortest = 2 * MIN_PHASE
+        if not math.isfinite(self.duration) or self.duration < shortest:
+            return (
+                f"--duration must be at least {shortest:.0f} s (a baseline and a misbehaving "
+                f"phase of at least {MIN_PHASE:.0f} s each), not {self.duration:g}"
+            )
+        if self.good < 1:
+            return f"--good must be at least 1, not {self.good}"
+        if not math.isfinite(self.rate) or self.rate <= 0:
+            return f"--rate must be a positive number of messages/s, not {self.rate:g}"
+        return None
 
 
 @dataclass
@@ -811,6 +833,10 @@ def _count_level(log: str, levels: tuple[str, ...]) -> int:
 async def run_soak(cfg: SoakConfig, out: TextIO = sys.stdout) -> int:
     """Run the soak, print progress and the table; returns the exit status
     (0: every bound held, 1: a bound was broken, 2: the soak could not run)."""
+    problem = cfg.problem()
+    if problem is not None:
+        sys.stderr.write(f"vbus soak: {problem}\n")
+        return 2
     soak = Soak(cfg, out)
     try:
         try:
