@@ -1,0 +1,2 @@
+/* vbus vm firmware: venet (filled in below). */
+#include "fw.h"
