@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import signal
 import socket
 import sys
@@ -96,7 +95,9 @@ def add_parser(sub: Any) -> None:
     vm.add_argument("--mode", choices=("echo", "venet"), default="echo")
     vm.add_argument("--device", help="the device to drive (default: echo0, or venet0)")
     vm.add_argument("--ip", help="venet: the guest's address, A.B.C.D/N")
-    vm.add_argument("--messages", type=_count, default=100000, help="echo: messages (default: 100000)")
+    vm.add_argument(
+        "--messages", type=_count, default=100000, help="echo: messages (default: 100000)"
+    )
     vm.add_argument("--size", type=_count, default=64, help="echo: bytes per message (default: 64)")
     vm.add_argument("--batch", type=_count, default=64, help="echo: messages per doorbell at most")
     vm.add_argument(
@@ -109,7 +110,9 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="doorbells exit to the VMM, which signals vbusd itself (no KVM_IOEVENTFD)",
     )
-    vm.add_argument("--seconds", type=int, default=0, help="venet: serve this long (0: until killed)")
+    vm.add_argument(
+        "--seconds", type=int, default=0, help="venet: serve this long (0: until killed)"
+    )
     vm.add_argument("--run-dir", type=Path, help="vbusd's run directory (its kvm.sock)")
     vm.add_argument("--name", default="vm0", help="the guest's name on the bus (default: vm0)")
     vm.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds")
@@ -288,10 +291,13 @@ async def run_vm(config: VmConfig) -> int:
                 loop.remove_signal_handler(sig)
         if not finished.done():
             machine.stop()
-            result = RunResult(error="stopped" if stopping.is_set() else "timed out")
+            why = "stopped" if stopping.is_set() else "timed out"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
-                    result = replace(await finished, error=result.error)
+                    await finished
+            result = replace(
+                machine.result, error=why + machine.result.error.removeprefix("stopped")
+            )
         else:
             result = finished.result()
         watcher.cancel()
@@ -315,26 +321,25 @@ def _report(
     out: Any,
 ) -> int:
     w = machine.word
-    guest = {
+    guest: dict[str, Any] = {
         "sent": w(BI.SENT),
         "received": w(BI.RECEIVED),
         "bad": w(BI.BAD),
         "doorbells": w(BI.DOORBELLS),
         "interrupts": w(BI.IRQS),
         "waits": w(BI.WAITS),
-        "interrupts_by_irq": [w(BI.IRQ0 + 3 + i) for i in range(len(machine.irqs))],
         "arp_replies": w(BI.ARP),
         "icmp_replies": w(BI.ICMP),
         "rx_frames": w(BI.RX_FRAMES),
         "tx_frames": w(BI.TX_FRAMES),
         "dropped": w(BI.DROPPED),
     }
-    # The firmware stores per-line counts from index 0 (line 0 .. 7); interrupt i is line 3 + i.
+    # Interrupts taken by the guest, per interrupt index (PIC line IRQ_LINE + i).
     guest["interrupts_by_irq"] = [w(BI.IRQ0 + i) for i in range(len(machine.irqs))]
     status = result.status
     message = machine.guest_message()
     ok = status == ST_OK and not result.error
-    if status == ST_OK and result.error in ("stopped", "timed out"):
+    if status == ST_OK and result.error.startswith(("stopped", "timed out")):
         ok = False
     problem = ""
     if status is None:
@@ -349,7 +354,9 @@ def _report(
         problem = f"the guest took CPU exception {status - ST_EXCEPTION}: {result.console[-1:]}"
     elif status != ST_OK:
         problem = message or f"the guest failed with status {status}"
-    if result.error == "stopped" and config.machine.mode == "venet" and status is None:
+    if problem.startswith("timed out"):
+        problem += f" ({machine.rings()}; {machine.pic()}; {w(BI.RECEIVED)} received)"
+    if result.error.startswith("stopped") and config.machine.mode == "venet" and status is None:
         ok, problem = True, ""  # venet serves until it is stopped
     seconds = result.data_seconds
     report = {
@@ -360,7 +367,7 @@ def _report(
         "exits": dict(result.exits),
         "data_exits": dict(result.data_exits),
         "data_seconds": seconds,
-        "messages_per_second": (guest["received"] / seconds) if seconds else 0.0,
+        "messages_per_second": (int(guest["received"]) / seconds) if seconds else 0.0,
         "guest_id": registered.guest_id,
         "bus": registered.bus,
         "trap_doorbells": config.machine.trap_doorbells,
@@ -386,7 +393,9 @@ def _report(
                 file=out,
             )
         print(f"vm {config.name}: exits {_counts(result.exits)}", file=out)
-        print(f"vm {config.name}: data-phase exits {_counts(result.data_exits)}", file=out, flush=True)
+        print(
+            f"vm {config.name}: data-phase exits {_counts(result.data_exits)}", file=out, flush=True
+        )
     if problem:
         print(f"vbus vm: {problem}", file=sys.stderr)
     return 0 if ok else 1

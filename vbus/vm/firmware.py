@@ -49,7 +49,9 @@ CFLAGS = (
     "-Wl,--no-warn-rwx-segments",
 )
 # What the CPL0 emulator cannot run (docs/design.md: the platform's KVM).
-_FORBIDDEN_OPS = re.compile(r"^(?:f[a-z0-9]+|popcnt|lzcnt|tzcnt|int3|int|xsave\w*|xgetbv|cmpxchg16b|rdtscp)$")
+_FORBIDDEN_OPS = re.compile(
+    r"^(?:f[a-z0-9]+|popcnt|lzcnt|tzcnt|int3|int|xsave\w*|xgetbv|cmpxchg16b|rdtscp)$"
+)
 _SSE_REG = re.compile(r"%[xyz]mm\d")
 _INSN = re.compile(r"^\s*[0-9a-f]+:\t(\S+)\s*(.*)$")
 

@@ -60,7 +60,26 @@ class Regs(ctypes.Structure):
     _fields_ = [
         (name, c_u64)
         for name in (
-            "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split()
+            [
+                "rax",
+                "rbx",
+                "rcx",
+                "rdx",
+                "rsi",
+                "rdi",
+                "rsp",
+                "rbp",
+                "r8",
+                "r9",
+                "r10",
+                "r11",
+                "r12",
+                "r13",
+                "r14",
+                "r15",
+                "rip",
+                "rflags",
+            ]
         )
     ]
 
@@ -89,10 +108,10 @@ class Dtable(ctypes.Structure):
 
 class Sregs(ctypes.Structure):
     _fields_ = [
-        *((name, Segment) for name in "cs ds es fs gs ss tr ldt".split()),
+        *((name, Segment) for name in ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt"]),
         ("gdt", Dtable),
         ("idt", Dtable),
-        *((name, c_u64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()),
+        *((name, c_u64) for name in ["cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"]),
         ("interrupt_bitmap", c_u64 * 4),
     ]
 
@@ -141,6 +160,12 @@ class CpuidEntry2(ctypes.Structure):
     ]
 
 
+class Irqchip(ctypes.Structure):
+    """``struct kvm_irqchip``: chip 0 the master PIC, 1 the slave, 2 the IOAPIC."""
+
+    _fields_ = [("chip_id", c_u32), ("pad", c_u32), ("data", c_u8 * 512)]
+
+
 class Cpuid2(ctypes.Structure):
     """``struct kvm_cpuid2`` without its flexible array (the size the ioctl number encodes)."""
 
@@ -159,6 +184,7 @@ KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, UserspaceMemoryRegion)
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_CREATE_IRQCHIP = _io(0x60)
+KVM_GET_IRQCHIP = _iowr(0x62, Irqchip)
 KVM_IRQFD = _iow(0x76, Irqfd)
 KVM_IOEVENTFD = _iow(0x79, Ioeventfd)
 KVM_RUN = _io(0x80)

@@ -15,6 +15,7 @@ phase, so a run shows whether doorbells and interrupts stayed in the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -28,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vbus.errors import Invalid, NotFound, NotSupported, Denied
+from vbus.errors import Denied, Invalid, NotFound, NotSupported
 from vbus.memory import REQUIRED_SEALS
 from vbus.vm import kvm
 
@@ -63,6 +64,7 @@ class BI:
     DEVICE = 16 * 8  # byte offset
     STATUS, SENT, RECEIVED, BAD, DOORBELLS, IRQS, WAITS = 32, 33, 34, 35, 36, 37, 38
     ARP, ICMP, RX_FRAMES, TX_FRAMES, DROPPED = 39, 40, 41, 42, 43
+    IRQ_TOTAL_AT, IRQ_COUNT_AT = 44, 45
     IRQ0 = 48
     MESSAGE = 64 * 8  # byte offset, 256 bytes
 
@@ -116,6 +118,8 @@ class Machine:
         if not 1 <= config.nirqs <= MAX_IRQS or not 1 <= config.ndoorbells <= MAX_DOORBELLS:
             raise Invalid("too many doorbells or interrupts for the mini VMM")
         self.config = config
+        self.result = RunResult()  # filled by run(), readable while it runs
+        self.thread: threading.Thread | None = None
         self.fds: list[int] = []
         self._closed = False
         try:
@@ -123,9 +127,7 @@ class Machine:
         except FileNotFoundError:
             raise NotFound("no /dev/kvm: this machine offers no KVM") from None
         except PermissionError:
-            raise Denied(
-                "cannot open /dev/kvm: permission denied (join the kvm group)"
-            ) from None
+            raise Denied("cannot open /dev/kvm: permission denied (join the kvm group)") from None
         self.fds.append(self.kvm)
         try:
             self._create(image)
@@ -169,7 +171,9 @@ class Machine:
             memory_size=cfg.memory,
             userspace_addr=ctypes.addressof(self._anchor),
         )
-        kvm.ioctl(self.vm, kvm.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION")
+        kvm.ioctl(
+            self.vm, kvm.KVM_SET_USER_MEMORY_REGION, region, what="KVM_SET_USER_MEMORY_REGION"
+        )
         self._load(image)
 
         # Doorbells and interrupts: the eventfds vbusd gets in REGISTER.
@@ -188,9 +192,7 @@ class Machine:
                 )
                 kvm.ioctl(self.vm, kvm.KVM_IOEVENTFD, ev, what="KVM_IOEVENTFD")
         for i, fd in enumerate(self.irqs):
-            kvm.ioctl(
-                self.vm, kvm.KVM_IRQFD, kvm.Irqfd(fd=fd, gsi=IRQ_LINE + i), what="KVM_IRQFD"
-            )
+            kvm.ioctl(self.vm, kvm.KVM_IRQFD, kvm.Irqfd(fd=fd, gsi=IRQ_LINE + i), what="KVM_IRQFD")
 
         self.vcpu = kvm.ioctl(self.vm, kvm.KVM_CREATE_VCPU, 0, what="KVM_CREATE_VCPU")
         self.fds.append(self.vcpu)
@@ -280,7 +282,7 @@ class Machine:
         """KVM_RUN until the guest reports its status or stops otherwise.
         Runs on the calling thread (the VMM's vcpu thread), signals blocked."""
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD})
-        result = RunResult()
+        result = self.result
         run = self.run_area
         exits = result.exits
         in_data = False
@@ -294,6 +296,8 @@ class Machine:
             except kvm.KvmError as exc:
                 if exc.errno == errno.EINTR:
                     exits["intr"] += 1
+                    if self._closed:
+                        result.error = f"stopped{self._where()}"
                     continue
                 result.error = str(exc)
                 break
@@ -349,6 +353,14 @@ class Machine:
         raw = self.ram[gpa : end if end >= 0 else gpa + 4096]
         return raw.decode("utf-8", "replace")
 
+    def _where(self) -> str:
+        regs = kvm.Regs()
+        try:
+            kvm.ioctl(self.vcpu, kvm.KVM_GET_REGS, regs, what="KVM_GET_REGS")
+        except kvm.KvmError:
+            return ""
+        return f" at rip {regs.rip:#x} (rdi {regs.rdi:#x}, rflags {regs.rflags:#x})"
+
     def _describe_stop(self, reason: int) -> str:
         name = kvm.EXIT_REASONS.get(reason, f"reason {reason}")
         regs = kvm.Regs()
@@ -364,11 +376,54 @@ class Machine:
             detail = f" (suberror {suberror}, data {[hex(d) for d in data]})"
         return f"the guest stopped: KVM exit {name}{where}{detail}"
 
+    def rings(self, n: int = 2) -> str:
+        """The first ``n`` ioq rings' indexes and signal flags, for a report."""
+        parts = []
+        for k in range(n):
+            at = 0x400000 + k * 0x10000
+            magic, _v, count = struct.unpack_from("<III", self.ram, at)
+            if magic != 0x56424951:
+                continue
+            north, south = bytes(self.ram[at + 24 : at + 27]), bytes(self.ram[at + 28 : at + 31])
+            valid = struct.unpack_from("<I", self.ram, at + 64)[0]
+            inuse = struct.unpack_from("<I", self.ram, at + 128)[0]
+            parts.append(
+                f"ring {k}: count {count} valid {valid} inuse {inuse} "
+                f"north {list(north)} south {list(south)}"
+            )
+        return "; ".join(parts)
+
+    def pic(self) -> str:
+        """The master PIC's registers (irr, imr, isr), for a report."""
+        chip = kvm.Irqchip(chip_id=0)
+        try:
+            kvm.ioctl(self.vm, kvm.KVM_GET_IRQCHIP, chip, what="KVM_GET_IRQCHIP")
+        except kvm.KvmError as exc:
+            return str(exc)
+        last_irr, irr, imr, isr = bytes(chip.data[:4])
+        counts = []
+        for fd in self.irqs:
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                counts += [ln.split()[1] for ln in info if ln.startswith("eventfd-count")]
+        total_at, count_at = self.word(BI.IRQ_TOTAL_AT), self.word(BI.IRQ_COUNT_AT)
+        live = ""
+        if 0 < total_at < len(self.ram) and 0 < count_at < len(self.ram):
+            total = struct.unpack_from("<Q", self.ram, total_at)[0]
+            lines = struct.unpack_from("<8Q", self.ram, count_at)
+            live = f"; guest interrupts {total}, by PIC line {list(lines)}"
+        return (
+            f"pic last_irr {last_irr:#04x} irr {irr:#04x} imr {imr:#04x} isr {isr:#04x}; "
+            f"interrupt eventfd counts {counts}{live}"
+        )
+
     def stop(self) -> None:
-        """Ask the vcpu thread to leave KVM_RUN at its next exit."""
+        """Make the vcpu thread leave KVM_RUN (a halted vcpu too): immediate_exit,
+        then a signal to the thread, which interrupts the ioctl."""
         self._closed = True
-        with_immediate = 1
-        self.run_area[1] = with_immediate  # kvm_run.immediate_exit
+        self.run_area[1] = 1  # kvm_run.immediate_exit
+        if self.thread is not None and self.thread.ident is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pthread_kill(self.thread.ident, signal.SIGUSR1)
 
     def close(self) -> None:
         self._closed = True
@@ -393,7 +448,9 @@ class Machine:
         self.fds.clear()
 
 
-def _thread_run(machine: Machine, done: Callable[[RunResult], None], console: Callable[[str], None] | None) -> threading.Thread:
+def _thread_run(
+    machine: Machine, done: Callable[[RunResult], None], console: Callable[[str], None] | None
+) -> threading.Thread:
     def body() -> None:
         try:
             result = machine.run(console)
@@ -402,5 +459,12 @@ def _thread_run(machine: Machine, done: Callable[[RunResult], None], console: Ca
         done(result)
 
     thread = threading.Thread(target=body, name="vcpu0", daemon=True)
+    machine.thread = thread
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGUSR1, _nothing)  # interrupts KVM_RUN (Machine.stop)
     thread.start()
     return thread
+
+
+def _nothing(signum: int, frame: object) -> None:
+    """SIGUSR1: its only purpose is to interrupt the vcpu thread's KVM_RUN."""

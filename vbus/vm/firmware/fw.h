@@ -57,6 +57,8 @@ typedef long i64;
 #define BO_RX_FRAMES 41
 #define BO_TX_FRAMES 42
 #define BO_DROPPED 43
+#define BO_IRQ_TOTAL_AT 44
+#define BO_IRQ_COUNT_AT 45
 #define BO_IRQ0 48 /* interrupts taken per interrupt index, 8 words */
 #define BO_MESSAGE 64 /* byte offset 0x200: failure text, 256 bytes */
 

@@ -58,8 +58,10 @@ static inline u64 rdmsr(u32 msr)
 static void gate(int vec, void (*fn)(void))
 {
 	u64 a = (u64)fn;
-	/* 64-bit interrupt gate, present, DPL 0, selector 0x08, IST 0 */
-	idt[2 * vec] = (a & 0xffff) | (0x08UL << 16) | (0x8eUL << 40) | ((a >> 16 & 0xffff) << 48);
+	/* 64-bit gate, present, DPL 0, selector 0x08, IST 0: an interrupt gate,
+	 * but a trap gate (interrupts stay on) for #GP, the halt call. */
+	u64 type = vec == 13 ? 0x8fUL : 0x8eUL;
+	idt[2 * vec] = (a & 0xffff) | (0x08UL << 16) | (type << 40) | ((a >> 16 & 0xffff) << 48);
 	idt[2 * vec + 1] = a >> 32;
 }
 
@@ -144,5 +146,7 @@ void kmain(void)
 	pic_init((u32)BOOT[BI_IRQ_LINE], (u32)BOOT[BI_NIRQS]);
 
 	BOOT[BO_STATUS] = 1;
+	BOOT[BO_IRQ_TOTAL_AT] = (u64)&irq_total; /* where the VMM reads the live counts */
+	BOOT[BO_IRQ_COUNT_AT] = (u64)irq_count;
 	enter_user();
 }

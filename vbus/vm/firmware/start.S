@@ -44,6 +44,16 @@ irq_\line:
 irq_common:
 	lock incq irq_count(,%rax,8)
 	lock incq irq_total(%rip)
+	/* Taken between the halt call's check and its hlt: return past the
+	 * hlt, or it would sleep with this interrupt already counted. */
+	leaq halt_check(%rip), %rax
+	cmpq %rax, 8(%rsp)
+	jb 1f
+	leaq halt_done(%rip), %rax
+	cmpq %rax, 8(%rsp)
+	jae 1f
+	movq %rax, 8(%rsp)
+1:
 	movb $0x20, %al
 	outb %al, $0x20			/* non-specific EOI to the master PIC */
 	popq %rax
@@ -87,10 +97,12 @@ exc_common:
 	jmp 1b
 
 /* The halt call: CPL3 executes hlt with rdi = the irq_total it saw; the
- * #GP that follows lands here (CPL0, interrupts off).  Halt only if no
- * interrupt came since the caller looked, then return past the hlt; sti's
- * one-instruction shadow makes the check and the hlt one step.  Any other
- * #GP is reported as an exception. */
+ * #GP that follows lands here, through a trap gate (interrupts stay on).
+ * Halt only if no interrupt came since the caller looked, then return past
+ * the hlt.  An interrupt taken anywhere from the check to the hlt returns
+ * to halt_done instead (irq_common), so no interrupt slips in between: the
+ * check and the hlt are one step without relying on sti's shadow.  Any
+ * other #GP is reported as an exception. */
 	.globl exc_gp
 exc_gp:
 	pushq %rax			/* then: error, rip, cs, rflags, rsp, ss */
@@ -100,12 +112,13 @@ exc_gp:
 	cmpb $0xf4, (%rax)
 	jne 2f
 	incq 16(%rsp)
+	.globl halt_check, halt_done
+halt_check:
 	cmpq %rdi, irq_total(%rip)
-	jne 1f
-	sti
+	jne halt_done
 	hlt
-	cli
-1:	popq %rax
+halt_done:
+	popq %rax
 	addq $8, %rsp
 	iretq
 2:	popq %rax
