@@ -165,7 +165,7 @@ def _config(args: argparse.Namespace) -> VmConfig:
         firmware=args.firmware,
         json=args.json,
         quiet=args.quiet,
-        timeout=args.timeout,
+        timeout=args.seconds if args.mode == "venet" and args.seconds else args.timeout,
     )
 
 
@@ -356,7 +356,11 @@ def _report(
         problem = message or f"the guest failed with status {status}"
     if problem.startswith("timed out"):
         problem += f" ({machine.rings()}; {machine.pic()}; {w(BI.RECEIVED)} received)"
-    if result.error.startswith("stopped") and config.machine.mode == "venet" and status is None:
+    if (
+        result.error.startswith(("stopped", "timed out"))
+        and config.machine.mode == "venet"
+        and status is None
+    ):
         ok, problem = True, ""  # venet serves until it is stopped
     seconds = result.data_seconds
     report = {

@@ -24,7 +24,7 @@ from vbus.errors import NotFound, NotSupported
 
 __all__ = ["CFLAGS", "SOURCES", "FirmwareError", "build", "cache_dir", "source_dir"]
 
-SOURCES = ("start.S", "kernel.c", "lib.c", "driver.c", "venet.c")
+SOURCES = ("start.S", "kernel.c", "lib.c", "driver.c")
 HEADERS = ("fw.h", "fw.ld")
 CFLAGS = (
     "-O2",

@@ -11,6 +11,8 @@
  * and only then the halt call. */
 #include "fw.h"
 
+void venet(void);
+
 /* --- output ---------------------------------------------------------------------------- */
 static char line[256];
 static u32 line_len;
@@ -583,8 +585,6 @@ static void echo(void)
 	}
 }
 
-void venet(void);
-
 void umain(void)
 {
 	bridge_init();
@@ -598,9 +598,199 @@ void umain(void)
 	finish(ST_OK);
 }
 
-/* venet lives in its own file; the stub keeps echo-only builds linking. */
-__attribute__((weak)) void venet(void)
+/* --- venet: ARP and ICMP echo for one address (docs/design.md 3.8) ------------------- */
+#define F_VERSION_1 (1UL << 32)
+#define CALL_NEGOTIATE 2
+#define CALL_CONFIG 3
+#define CALL_LINK_UP 5
+#define HDR 12 /* struct virtio_net_hdr_v1 */
+
+static u8 mac[6];
+static u32 my_ip;
+
+static u16 be16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
+static u32 be32(const u8 *p) { return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | p[3]; }
+static void put16(u8 *p, u16 v)
 {
-	put_s("venet mode is not built into this firmware");
-	fail(ST_FAILED);
+	p[0] = (u8)(v >> 8);
+	p[1] = (u8)v;
+}
+
+static u16 csum(const u8 *p, u32 n)
+{
+	u64 sum = 0;
+	for (u32 i = 0; i + 1 < n; i += 2)
+		sum += (u32)(p[i] << 8 | p[i + 1]);
+	if (n & 1)
+		sum += (u32)(p[n - 1] << 8);
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (u16)~sum;
+}
+
+/* The answer to one frame, built in `out` (header included); its length or 0. */
+static u32 answer(const u8 *in, u32 len, u8 *out)
+{
+	if (len < HDR + 14)
+		return 0;
+	const u8 *eth = in + HDR;
+	u32 elen = len - HDR;
+	u16 type = be16(eth + 12);
+	memset(out, 0, HDR);
+	u8 *o = out + HDR;
+	if (type == 0x0806 && elen >= 42) {
+		const u8 *arp = eth + 14;
+		if (be16(arp) != 1 || be16(arp + 2) != 0x0800 || arp[4] != 6 || arp[5] != 4)
+			return 0;
+		if (be16(arp + 6) != 1 || be32(arp + 24) != my_ip)
+			return 0;
+		memcpy(o, eth + 6, 6);
+		memcpy(o + 6, mac, 6);
+		put16(o + 12, 0x0806);
+		u8 *r = o + 14;
+		put16(r, 1);
+		put16(r + 2, 0x0800);
+		r[4] = 6;
+		r[5] = 4;
+		put16(r + 6, 2);
+		memcpy(r + 8, mac, 6);
+		memcpy(r + 14, arp + 24, 4);
+		memcpy(r + 18, arp + 8, 6);
+		memcpy(r + 24, arp + 14, 4);
+		BOOT[BO_ARP]++;
+		return HDR + 42;
+	}
+	if (type == 0x0800 && elen >= 14 + 20) {
+		const u8 *ip = eth + 14;
+		u32 ihl = (ip[0] & 15) * 4u;
+		u32 total = be16(ip + 2);
+		if ((ip[0] >> 4) != 4 || ihl < 20 || total < ihl + 8 || 14 + total > elen)
+			return 0;
+		if (ip[9] != 1 || be32(ip + 16) != my_ip || (be16(ip + 6) & 0x3fff))
+			return 0; /* ICMP to us, not a fragment */
+		const u8 *icmp = ip + ihl;
+		if (icmp[0] != 8 || icmp[1] != 0)
+			return 0;
+		memcpy(o, eth + 6, 6);
+		memcpy(o + 6, mac, 6);
+		put16(o + 12, 0x0800);
+		u8 *rip = o + 14;
+		memcpy(rip, ip, total);
+		memcpy(rip + 12, ip + 16, 4);
+		memcpy(rip + 16, ip + 12, 4);
+		rip[8] = 64;
+		put16(rip + 10, 0);
+		put16(rip + 10, csum(rip, ihl));
+		u8 *ricmp = rip + ihl;
+		ricmp[0] = 0;
+		put16(ricmp + 2, 0);
+		put16(ricmp + 2, csum(ricmp, total - ihl));
+		BOOT[BO_ICMP]++;
+		return HDR + 14 + total;
+	}
+	return 0;
+}
+
+void venet(void)
+{
+	char cls[65];
+	const char *name = (const char *)(BOOTINFO_GPA + BI_DEVICE * 8);
+	my_ip = (u32)BOOT[BI_IP];
+	if (!find_device(name, cls, sizeof(cls))) {
+		put_s("device ");
+		put_s(name);
+		put_s(" is not on the bus");
+		fail(ST_NO_DEVICE);
+	}
+	if (memcmp(cls, "venet", 6)) {
+		put_s("device ");
+		put_s(name);
+		put_s(" is of class ");
+		put_s(cls);
+		put_s(", not venet");
+		fail(ST_NO_DEVICE);
+	}
+	u32 handle = open_device(name);
+	u64 features = F_VERSION_1;
+	u8 reply[64];
+	call(handle, CALL_NEGOTIATE, &features, 8, reply, sizeof(reply));
+	u32 rx_size = *(u32 *)(reply + 8);
+	if (rx_size > 2048) {
+		put_s("venet: the device wants rx buffers of ");
+		put_u(rx_size);
+		put_s(" bytes, more than the guest's 2048");
+		fail(ST_FAILED);
+	}
+	call(handle, CALL_CONFIG, 0, 0, reply, sizeof(reply));
+	memcpy(mac, reply, 6);
+	static struct ioq txq, rxq;
+	struct ioq *tx = &txq, *rx = &rxq;
+	ioq_init(tx, 256, 2048, 1, 1);
+	ioq_init(rx, 256, rx_size, 1, 1);
+	shm(handle, 0, tx, 0);
+	shm(handle, 1, rx, 1);
+	call(handle, CALL_LINK_UP, 0, 0, reply, sizeof(reply));
+	put_s("venet: ");
+	put_s(name);
+	put_s(" up, mac ");
+	for (int i = 0; i < 6; i++) {
+		if (i)
+			put_c(':');
+		put_c("0123456789abcdef"[mac[i] >> 4]);
+		put_c("0123456789abcdef"[mac[i] & 15]);
+	}
+	put_s(", ip ");
+	for (int i = 3; i >= 0; i--) {
+		put_u((my_ip >> (8 * i)) & 255);
+		if (i)
+			put_c('.');
+	}
+	put_c('/');
+	put_u(BOOT[BI_PREFIX]);
+	flush();
+
+	ioq_disarm(tx);
+	ioq_disarm(rx);
+	for (;;) {
+		u32 n = ioq_completed(rx);
+		u32 replies = 0;
+		for (u32 i = 0; i < n; i++) {
+			u32 slot = (rx->reaped + i) & rx->mask;
+			u64 len = rx->r->desc[slot].len;
+			const u8 *p = rx->pool + (u64)slot * rx->buf_size;
+			BOOT[BO_RX_FRAMES]++;
+			if (len > rx->buf_size)
+				continue;
+			if (ioq_space(tx) <= replies) {
+				BOOT[BO_DROPPED]++;
+				continue;
+			}
+			u8 *out = ioq_slot_buf(tx, replies);
+			u32 olen = answer(p, (u32)len, out);
+			if (olen) {
+				ioq_fill(tx, replies, olen);
+				replies++;
+			}
+		}
+		if (replies) {
+			ioq_publish(tx, replies);
+			BOOT[BO_TX_FRAMES] += replies;
+			ioq_notify(tx);
+		}
+		if (n) {
+			rx->reaped += n;
+			ioq_post_empty(rx, n);
+			ioq_notify(rx);
+			continue;
+		}
+		check_fault();
+		u64 seen = irq_total;
+		ioq_arm(rx);
+		if (ioq_completed(rx)) {
+			ioq_disarm(rx);
+			continue;
+		}
+		wait_irq(seen);
+		ioq_disarm(rx);
+	}
 }

@@ -1,2 +1,0 @@
-/* vbus vm firmware: venet (filled in below). */
-#include "fw.h"
