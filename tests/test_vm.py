@@ -210,9 +210,9 @@ def netns() -> Iterator[str]:
 
 
 def test_ping_reaches_a_venet_guest(daemon: Daemon, netns: str) -> None:
+    tap_args = ["tap", "--device", "v0", "--ifname", "vbvm0", "--netns", netns]
     tap = subprocess.Popen(
-        [sys.executable, "-m", "vbus.cli", "--socket", str(daemon.socket), "tap"]
-        + ["--device", "v0", "--ifname", "vbvm0", "--netns", netns],
+        [sys.executable, "-m", "vbus.cli", "--socket", str(daemon.socket), *tap_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -240,8 +240,21 @@ def test_ping_reaches_a_venet_guest(daemon: Daemon, netns: str) -> None:
             if warm.returncode == 0:
                 break
         out = subprocess.run(
-            ["ip", "netns", "exec", netns, "ping", "-c", "100", "-i", "0.01", "-W", "2", "-q"]
-            + ["10.78.0.2"],
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "ping",
+                "-c",
+                "100",
+                "-i",
+                "0.01",
+                "-W",
+                "2",
+                "-q",
+                "10.78.0.2",
+            ],  # fmt: skip
             capture_output=True,
             text=True,
             timeout=120,
