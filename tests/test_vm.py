@@ -239,22 +239,9 @@ def test_ping_reaches_a_venet_guest(daemon: Daemon, netns: str) -> None:
             )
             if warm.returncode == 0:
                 break
+        ping = ["ping", "-c", "100", "-i", "0.01", "-W", "2", "-q", "10.78.0.2"]
         out = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                netns,
-                "ping",
-                "-c",
-                "100",
-                "-i",
-                "0.01",
-                "-W",
-                "2",
-                "-q",
-                "10.78.0.2",
-            ],  # fmt: skip
+            ["ip", "netns", "exec", netns, *ping],
             capture_output=True,
             text=True,
             timeout=120,

@@ -40,7 +40,7 @@ from vbus.vm.machine import (
     Machine,
     MachineConfig,
     RunResult,
-    _thread_run,
+    start_vcpu_thread,
 )
 
 __all__ = ["VmConfig", "add_parser", "main", "run_vm"]
@@ -276,7 +276,7 @@ async def run_vm(config: VmConfig) -> int:
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        _thread_run(machine, done, console)
+        start_vcpu_thread(machine, done, console)
         stop_wait = asyncio.ensure_future(stopping.wait())
         waits: set[asyncio.Future[Any]] = {finished, stop_wait}
         try:

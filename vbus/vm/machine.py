@@ -40,6 +40,7 @@ __all__ = [
     "Machine",
     "MachineConfig",
     "RunResult",
+    "start_vcpu_thread",
 ]
 
 MiB = 1 << 20
@@ -60,7 +61,7 @@ class BI:
     """Word indexes of the boot information page (vbus/vm/firmware/fw.h)."""
 
     MAGIC, MODE, RAM, MESSAGES, NDOORBELLS, NIRQS, MITIGATION = 0, 1, 2, 3, 4, 5, 6
-    IP, PREFIX, MSG_SIZE, BATCH, IRQ_LINE, SECONDS, TSC_HZ = 7, 8, 9, 10, 11, 12, 13
+    IP, PREFIX, MSG_SIZE, BATCH, IRQ_LINE, SECONDS = 7, 8, 9, 10, 11, 12
     DEVICE = 16 * 8  # byte offset
     STATUS, SENT, RECEIVED, BAD, DOORBELLS, IRQS, WAITS = 32, 33, 34, 35, 36, 37, 38
     ARP, ICMP, RX_FRAMES, TX_FRAMES, DROPPED = 39, 40, 41, 42, 43
@@ -448,7 +449,7 @@ class Machine:
         self.fds.clear()
 
 
-def _thread_run(
+def start_vcpu_thread(
     machine: Machine, done: Callable[[RunResult], None], console: Callable[[str], None] | None
 ) -> threading.Thread:
     def body() -> None:

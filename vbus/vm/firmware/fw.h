@@ -41,8 +41,7 @@ typedef long i64;
 #define BI_MSG_SIZE 9
 #define BI_BATCH 10
 #define BI_IRQ_LINE 11 /* PIC line of interrupt 0; interrupt i is line + i */
-#define BI_SECONDS 12 /* venet: seconds to serve (0: until killed) */
-#define BI_TSC_HZ 13
+#define BI_SECONDS 12 /* venet: seconds to serve (0: until stopped; the VMM keeps time) */
 #define BI_DEVICE 16 /* byte offset 0x80: device name, NUL-terminated, 64 bytes */
 
 #define BO_STATUS 32 /* 1 running, 2 done */
@@ -91,7 +90,8 @@ static inline u64 rdtsc(void)
 extern volatile u64 irq_total;
 extern volatile u64 irq_count[8];
 
-/* CPL3: halt until an interrupt arrives, unless irq_total != seen already. */
+/* CPL3: halt until an interrupt arrives, unless irq_total != seen already
+ * (a hlt at CPL3, turned by the #GP entry into a checked halt). */
 void wait_irq(u64 seen);
 void umain(void);
 

@@ -1,5 +1,6 @@
 /* vbus vm firmware, the CPL0 part: descriptor tables, the TSS with its I/O
- * bitmap (port I/O from CPL3), the PIC, the halt call, then down to CPL3.
+ * bitmap (port I/O from CPL3), the IDT (the halt call is its #GP entry), the
+ * PIC, then down to CPL3.
  *
  * This code runs through the instruction emulator: general registers only,
  * no string formatting on the way, a few thousand instructions in all. */
@@ -42,18 +43,6 @@ struct dtr {
 	u16 limit;
 	u64 base;
 } __attribute__((packed));
-
-static inline void wrmsr(u32 msr, u64 v)
-{
-	__asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
-}
-
-static inline u64 rdmsr(u32 msr)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-	return ((u64)hi << 32) | lo;
-}
 
 static void gate(int vec, void (*fn)(void))
 {
