@@ -111,13 +111,20 @@ def test_trapped_doorbells_exit_to_the_vmm_one_each(daemon: Daemon) -> None:
     assert rep["data_exits"].get("io_doorbell") == rep["guest"]["doorbells"] > 0
 
 
-def test_without_mitigation_every_message_kicks(daemon: Daemon) -> None:
+def test_without_mitigation_every_message_kicks(
+    daemon: Daemon, echo_report: dict[str, Any]
+) -> None:
     done = run_vm(daemon, "--messages", "500", "--no-mitigation", "--json", "--timeout", "100")
     assert done.returncode == 0, done.stderr
     guest = report(done)["guest"]
     assert guest["received"] == 500 and guest["bad"] == 0
     assert guest["doorbells"] == 2 * 500  # tx and rx, forced, per message
-    assert guest["interrupts"] >= 500 / 2
+    # Every halt ends with an interrupt of its own (edges that meet one in
+    # service merge, so there may be fewer interrupts than kicks) ...
+    assert 0 < guest["waits"] <= guest["interrupts"]
+    # ... and far more of them per message than with mitigation on.
+    mitigated = echo_report["guest"]
+    assert guest["interrupts"] / 500 > 5 * mitigated["interrupts"] / mitigated["received"]
 
 
 def test_sigkill_of_the_vmm_releases_everything(daemon: Daemon) -> None:
