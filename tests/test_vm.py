@@ -265,3 +265,45 @@ def test_ping_reaches_a_venet_guest(daemon: Daemon, netns: str) -> None:
     assert rep["guest"]["icmp_replies"] >= 100
     assert rep["guest"]["arp_replies"] >= 1
     assert tap.returncode == 0
+
+
+def test_a_vmm_whose_vbusd_dies_stops_with_one_line(
+    vbusd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    need_kvm()
+    doomed = vbusd("--no-admin")
+    proc = subprocess.Popen(
+        vm_cmd(doomed, "--messages", str(10**12)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "messages of" in "".join(proc.stdout.readline() for _ in range(2))
+        doomed.proc.kill()  # type: ignore[union-attr]
+        doomed.proc.wait()  # type: ignore[union-attr]
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "vbusd hung up on the guest" in lines[0], err
+
+
+def test_no_dev_kvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vbus.errors import NotFound
+    from vbus.vm import machine
+
+    real_open = os.open
+
+    def fake_open(path: str, *args: Any, **kwargs: Any) -> int:
+        if path == "/dev/kvm":
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(machine.os, "open", fake_open)
+    with pytest.raises(NotFound, match=r"^no /dev/kvm"):
+        machine.Machine(machine.MachineConfig(), b"")

@@ -278,7 +278,7 @@ async def run_vm(config: VmConfig) -> int:
             loop.add_signal_handler(sig, stopping.set)
         start_vcpu_thread(machine, done, console)
         stop_wait = asyncio.ensure_future(stopping.wait())
-        waits: set[asyncio.Future[Any]] = {finished, stop_wait}
+        waits: set[asyncio.Future[Any]] = {finished, stop_wait, watcher}
         try:
             await asyncio.wait(
                 waits,
@@ -292,6 +292,8 @@ async def run_vm(config: VmConfig) -> int:
         if not finished.done():
             machine.stop()
             why = "stopped" if stopping.is_set() else "timed out"
+            if vmm.hung_up and not stopping.is_set():
+                why = "vbusd hung up on the guest (did it stop?)"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await finished
