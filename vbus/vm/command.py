@@ -266,7 +266,9 @@ async def run_vm(config: VmConfig) -> int:
         finished: asyncio.Future[RunResult] = loop.create_future()
 
         def done(result: RunResult) -> None:
-            loop.call_soon_threadsafe(_settle, finished, result)
+            # From the vcpu thread; the loop may be gone if it outlived the run.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, finished, result)
 
         def console(text: str) -> None:
             if not config.quiet and not config.json:

@@ -428,10 +428,13 @@ class Machine:
 
     def close(self) -> None:
         self._closed = True
-        for attr in ("run_area",):
-            area = getattr(self, attr, None)
-            if area is not None:
-                area.close()
+        if self.thread is not None and self.thread.is_alive():
+            # The vcpu is still in KVM_RUN (a guest that ignored the stop):
+            # its mappings and descriptors go with the process.
+            return
+        area = getattr(self, "run_area", None)
+        if area is not None:
+            area.close()
         anchor = getattr(self, "_anchor", None)
         if anchor is not None:
             del self._anchor
