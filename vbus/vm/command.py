@@ -397,7 +397,8 @@ def _report(
             print(
                 f"vm {config.name}: {guest['arp_replies']} ARP replies, "
                 f"{guest['icmp_replies']} ICMP echo replies, {guest['rx_frames']} frames in, "
-                f"{guest['tx_frames']} out",
+                f"{guest['tx_frames']} out, {guest['doorbells']} doorbells, "
+                f"{guest['interrupts']} interrupts",
                 file=out,
             )
         print(f"vm {config.name}: exits {_counts(result.exits)}", file=out)

@@ -296,9 +296,10 @@ class Machine:
                 kvm.ioctl(self.vcpu, kvm.KVM_RUN, what="KVM_RUN")
             except kvm.KvmError as exc:
                 if exc.errno == errno.EINTR:
-                    exits["intr"] += 1
-                    if self._closed:
+                    if self._closed:  # the VMM's own stop: not the guest's exit
                         result.error = f"stopped{self._where()}"
+                        break
+                    exits["intr"] += 1
                     continue
                 result.error = str(exc)
                 break
@@ -345,6 +346,11 @@ class Machine:
                 break
             else:
                 exits["io_other"] += 1
+        if in_data:  # stopped while serving (venet): the data phase ends here
+            result.data_seconds = time.monotonic() - data_start
+            result.data_exits = Counter(exits)
+            result.data_exits.subtract(mark)
+            result.data_exits = +result.data_exits
         return result
 
     def _string(self, gpa: int) -> str:

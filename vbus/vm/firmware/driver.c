@@ -749,6 +749,7 @@ void venet(void)
 	put_u(BOOT[BI_PREFIX]);
 	flush();
 
+	phase_start(); /* serving: until the VMM stops the guest */
 	ioq_disarm(tx);
 	ioq_disarm(rx);
 	for (;;) {
@@ -784,13 +785,16 @@ void venet(void)
 			continue;
 		}
 		check_fault();
+		BOOT[BO_DOORBELLS] = doorbells;
+		BOOT[BO_IRQS] = irq_total - irqs_at_start;
+		BOOT[BO_WAITS] = waits;
 		u64 seen = irq_total;
 		ioq_arm(rx);
 		if (ioq_completed(rx)) {
 			ioq_disarm(rx);
 			continue;
 		}
-		wait_irq(seen);
+		sleep_until(seen);
 		ioq_disarm(rx);
 	}
 }
