@@ -310,3 +310,34 @@ def test_no_dev_kvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(machine.os, "open", fake_open)
     with pytest.raises(NotFound, match=r"^no /dev/kvm"):
         machine.Machine(machine.MachineConfig(), b"")
+
+
+def test_a_firmware_that_crashes_is_reported_with_the_kvm_exit(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    image = tmp_path / "ud2.bin"
+    image.write_bytes(b"\x0f\x0b")  # ud2 before any IDT: a triple fault
+    done = run_vm(daemon, "--firmware", str(image), "--json", "--timeout", "30")
+    assert done.returncode == 1
+    rep = report(done)
+    assert rep["status"] is None and not rep["ok"]
+    assert sum(rep["exits"].values()) == 1, rep["exits"]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the guest stopped: KVM exit" in lines[0], done.stderr
+
+
+def test_the_firmware_is_built_once_per_source_and_checked(tmp_path: Path) -> None:
+    require(shutil.which("gcc") is not None, "no gcc")
+    from vbus.vm import firmware
+
+    first = firmware.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert firmware.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert first.read_bytes()[:1] and first.stat().st_size < 1 << 20
+    # The object-code check refuses what the CPL0 emulator cannot run.
+    src = tmp_path / "sse.c"
+    src.write_text("double f(double a, double b) { return a * b; }\n")
+    obj = tmp_path / "sse.o"
+    subprocess.run(["gcc", "-O2", "-c", str(src), "-o", str(obj)], check=True)
+    with pytest.raises(firmware.FirmwareError, match="cannot run"):
+        firmware._check_code(obj)
