@@ -21,7 +21,7 @@ from vbus.bench.report import format_value, render
 from vbus.bench.runner import RunResult, SubjectResult
 from vbus.bench.subject import Figure, Figures, Subject, Target, Variant, discover
 
-EXPECTED_SUBJECTS = {"stream", "call", "mitigation", "bulk", "scale", "xen", "venet"}
+EXPECTED_SUBJECTS = {"stream", "call", "mitigation", "bulk", "scale", "xen", "venet", "kvm"}
 
 
 @pytest.mark.integration

@@ -33,7 +33,14 @@ from vbus.devices.echo import Echo
 from vbus.errors import Fault, Invalid
 from vbus.ioq import HEADER_SIZE, IoqNorth, IoqSouth, pool_layout, ring_bytes
 from vbus.memory import BufferMemory, create_memfd
-from vbus.soak.fuzz import TARGETS, _frames, ring_target, session_target, wire_target
+from vbus.soak.fuzz import (
+    TARGETS,
+    _frames,
+    kvm_target,
+    ring_target,
+    session_target,
+    wire_target,
+)
 
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -69,6 +76,34 @@ def test_ring_target(data: bytes) -> None:
     ring_target(data)
 
 
+@FAST
+@given(st.binary(max_size=400))
+def test_kvm_target(data: bytes) -> None:
+    kvm_target(data)
+
+
+@FAST
+@given(st.integers(0, 255), st.binary(max_size=120))
+def test_kvm_target_near_valid_frames(control: int, tail: bytes) -> None:
+    # A REGISTER whose header is right and whose table is not, with every fd count.
+    from vbus import kvmabi
+
+    msg = kvmabi.Register("g", (kvmabi.Region(0, 4096),), 1, 1, 0)
+    frame = kvmabi.encode(msg, 1)
+    for nfds_control in (0, 3 << 2, (control % 64) << 2):
+        kvm_target(bytes([nfds_control]) + frame[:40] + tail)
+        kvm_target(bytes([nfds_control | 0x80]) + frame)
+
+
+def test_kvm_target_reaches_the_bridge_and_round_trips() -> None:
+    from vbus import kvmabi
+
+    msg = kvmabi.Register("g", (kvmabi.Region(0, 4096),), 1, 1, 0)
+    kvm_target(bytes([3 << 2]) + kvmabi.encode(msg, 1))  # decodes, re-encodes
+    kvm_target(bytes([1]) + kvmabi.encode_call(kvmabi.CallSlot(kvmabi.Op.CALL, len=9)))
+    kvm_target(bytes([3, 4]) + bytes(range(1, 200)))  # bridge ops over posted slots
+
+
 def test_targets_reach_past_the_handshake() -> None:
     # A well-formed HELLO then a CALL, in the target's own framing, are accepted.
     hello = protocol.encode(protocol.Hello(1, 1, "x"))
@@ -76,7 +111,7 @@ def test_targets_reach_past_the_handshake() -> None:
     assert frames == [(hello, 0)]
     session = protocol.ServerSession()
     assert isinstance(session.receive(*frames[0])[1], protocol.Hello)
-    assert set(TARGETS) == {"wire", "session", "ring", "xenstore", "vhost_wire"}
+    assert set(TARGETS) == {"wire", "session", "ring", "xenstore", "vhost_wire", "kvm"}
 
 
 # Inputs a fuzzer once produced, kept as regression cases (none has failed so far;
@@ -87,6 +122,9 @@ REGRESSIONS: list[tuple[str, bytes]] = [
     ("session", b"\x00\x00"),
     ("ring", b"\xff" * 64),
     ("ring", bytes(range(256))),
+    ("kvm", b""),
+    ("kvm", bytes(range(256))),
+    ("kvm", b"\x03" + b"\xff" * 64),
 ]
 
 

@@ -49,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     tap_command.add_parser(sub)
     xen_domu.add_parser(sub)
+    _add_vm(sub)
     return parser
+
+
+def _add_vm(sub: Any) -> None:
+    from vbus.vm.command import add_parser
+
+    add_parser(sub)
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -288,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         return tap_command.main(args)
     if args.command == "xen":
         return xen_domu.main(args)
+    if args.command == "vm":
+        from vbus.vm.command import main as vm_main
+
+        return vm_main(args)
     handler = {"devices": _devices, "status": _status, "call": _call}[args.command]
     try:
         return asyncio.run(handler(args))

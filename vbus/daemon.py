@@ -2,7 +2,8 @@
 
 Start-up: load the deviceclasses, check ``--config``, take the run
 directory's lock, build the topology (the state file, else ``--config`` or
-the embedded default), serve the userspace socket, tell systemd ``READY=1``.
+the embedded default), serve the userspace socket (``vbus.sock``) and the kvm
+one (``kvm.sock``), tell systemd ``READY=1``.
 A start that fails says why in one line on stderr and exits 1.
 SIGTERM/SIGINT: tell every client, release everything, remove the socket,
 exit 0.
@@ -30,6 +31,7 @@ from vbus.admin.fs import AdminTree
 from vbus.admin.mount import AdminMount, mount_admin_tree
 from vbus.admin.state import StateStore, default_state_path
 from vbus.connectors.base import Connector, Limits
+from vbus.connectors.kvm import KvmConnector
 from vbus.connectors.userspace import UserspaceConnector
 from vbus.connectors.vhost_user import VhostUserConnector
 from vbus.connectors.xen import XenConnector
@@ -345,13 +347,18 @@ async def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         lock.close()
         raise StartupError(str(exc)) from None
+    kvm_path = run_dir / "kvm.sock"
     connectors: list[Connector] = [
         UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger),
+        KvmConnector(topology, kvm_path, loop, limits, tasks, ledger),
         XenConnector(topology, run_dir / "xen.sock", loop, xenstore, limits, ledger),
         VhostUserConnector(topology, run_dir, loop, limits, tasks, ledger),
     ]
+    serving = sock_path
     try:
-        _clear_stale_socket(sock_path)
+        for path in (sock_path, kvm_path):
+            serving = path
+            _clear_stale_socket(path)
         xenstore.start()
         for connector in connectors:
             connector.start()
@@ -360,7 +367,7 @@ async def serve(args: argparse.Namespace) -> int:
             connector.stop("daemon failed to start")
         xenstore.stop()
         lock.close()
-        raise StartupError(f"cannot serve {sock_path}: {exc.strerror}") from None
+        raise StartupError(f"cannot serve {serving}: {exc.strerror}") from None
 
     monitor.start()
 
@@ -380,6 +387,7 @@ async def serve(args: argparse.Namespace) -> int:
         version=__version__,
         pid=os.getpid(),
         socket=str(sock_path),
+        kvm_socket=str(kvm_path),
         config=source,
         loop=loop_name,
         admin=str(admin.path) if admin else None,

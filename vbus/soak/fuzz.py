@@ -26,6 +26,13 @@ fuzzer, and raises AssertionError (or anything unexpected) on a finding:
   only ProtocolError escapes, replies are well formed, effects claim only
   their message's descriptors, the memory table never overlaps and a started
   ring lies inside it.
+- ``kvm``: the kvm ABI (``vbus.kvmabi``): registration frames with any
+  descriptor count, call slots, event slots and ENUMERATE replies through
+  their decoders (only the documented errors escape; whatever decodes
+  re-encodes to the same bytes; a decoded REGISTER's table passes or fails
+  ``check_layout`` with Invalid only), and a bridge page patched from the
+  input between ``HostBridge`` operations: only ``GuestFault`` escapes, the
+  page never grows, and the host never writes a word the guest owns.
 
 ``python -m vbus.soak.fuzz [--seconds N] [--engine atheris|hypothesis] [TARGET...]``
 runs each target for N seconds: with atheris (libFuzzer, coverage-guided) when
@@ -46,7 +53,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vbus import protocol
+from vbus import kvmabi, protocol
 from vbus.errors import Fault, Invalid, NotSupported, ProtocolError, TooBig, VbusError
 from vbus.ioq import IoqNorth, IoqSouth, pool_layout
 from vbus.memory import BufferMemory
@@ -56,6 +63,7 @@ from vbus.xen import xenstore, xswire
 
 __all__ = [
     "TARGETS",
+    "kvm_target",
     "main",
     "ring_target",
     "session_target",
@@ -391,12 +399,111 @@ def _check_vhost_effects(
     vwire.check_regions(backend.regions)
 
 
+# --- kvm ------------------------------------------------------------------------------
+
+# Bridge words the guest owns: magic, version, call_head, event_tail, irq_enable, reserved.
+_GUEST_WORDS = (0, 1, 4, 7, 8, *range(9, 16))
+_BRIDGE_SPOTS = (*range(0, 0x40, 4), *(kvmabi.call_slot_offset(i) + f for i in range(4) for f in (0, 0x18, 0x1C, 0x28, 0x38)))  # fmt: skip
+
+
+def kvm_target(data: bytes) -> None:
+    if not data:
+        return
+    control, body = data[0], data[1:]
+    part = control % 4
+    if part == 0:
+        _kvm_frame(body, (control >> 2) % (kvmabi.MAX_FDS + 2), control >> 7)
+    elif part == 1:
+        raw = body[: kvmabi.CALL_SLOT_SIZE].ljust(kvmabi.CALL_SLOT_SIZE, b"\0")
+        try:
+            slot = kvmabi.decode_call(raw, control)
+        except kvmabi.GuestFault as exc:
+            assert exc.reason == kvmabi.FaultReason.CALL_RING
+            return
+        assert kvmabi.encode_call(slot) == raw, f"{slot!r} re-encodes differently"
+    elif part == 2:
+        raw = body[: kvmabi.EVENT_SLOT_SIZE].ljust(kvmabi.EVENT_SLOT_SIZE, b"\0")
+        try:
+            event = kvmabi.decode_event(raw)
+        except ProtocolError:
+            pass
+        else:
+            assert kvmabi.encode_event(event) == raw
+        try:
+            entries = kvmabi.decode_devices(body)
+        except ProtocolError:
+            return
+        assert kvmabi.encode_devices(entries) == body
+    else:
+        _kvm_bridge(_Bytes(body))
+
+
+def _kvm_frame(frame: bytes, nfds: int, which: int) -> None:
+    decoder = kvmabi.decode_request if which else kvmabi.decode
+    try:
+        seq, msg = decoder(frame, nfds)
+    except (ProtocolError, TooBig, NotSupported):
+        return
+    assert kvmabi.encode(msg, seq) == frame, f"{msg!r} re-encodes differently"
+    assert kvmabi.peek_seq(frame) == seq
+    if isinstance(msg, kvmabi.Register):
+        assert msg.nfds == nfds and nfds <= kvmabi.MAX_FDS
+        try:
+            kvmabi.check_layout(msg)
+        except Invalid:
+            pass
+    else:
+        assert nfds == 0
+
+
+def _kvm_bridge(src: _Bytes) -> None:
+    page = bytearray(kvmabi.BRIDGE_SIZE)
+    guest = kvmabi.GuestBridge(page)
+    for i in range(src.byte() % 5):
+        guest.post(kvmabi.CallSlot(1 + i % 5, arg=i, len=i, reply_cap=64))
+    guest.close()
+    host = kvmabi.HostBridge(page)
+    words = memoryview(page).cast("I")
+    try:
+        while src.left:
+            op = src.byte()
+            if op & 0x80:
+                spot = _BRIDGE_SPOTS[src.byte() % len(_BRIDGE_SPOTS)]
+                page[spot : spot + 4] = src.take(4)
+            owned = [words[w] for w in _GUEST_WORDS]
+            try:
+                kind = op % 5
+                if kind == 0:
+                    assert 0 <= host.check() <= kvmabi.CALL_SLOTS
+                elif kind == 1:
+                    slot = host.next()
+                    if slot is not None:
+                        host.answer(slot.answer(-(op % 7), reply_len=op))
+                elif kind == 2:
+                    event = kvmabi.Event(1 + op % 5, op, op % 8)
+                    host.post_event(event)
+                elif kind == 3:
+                    host.set_fault(kvmabi.FaultReason(1 + op % 7), op)
+                else:
+                    _ = host.irq_enabled, host.call_head
+            except kvmabi.GuestFault as exc:
+                assert exc.reason in kvmabi.WHOLE_GUEST
+                return
+            finally:
+                assert len(page) == kvmabi.BRIDGE_SIZE, "the host grew the page"
+            assert [words[w] for w in _GUEST_WORDS] == owned, "the host wrote a guest word"
+    finally:
+        words.release()
+        host.close()
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "wire": wire_target,
     "session": session_target,
     "ring": ring_target,
     "xenstore": xenstore_target,
     "vhost_wire": vhost_wire_target,
+    "kvm": kvm_target,
 }
 
 

@@ -6,12 +6,13 @@ being a string.  Bounds (the exit status of ``vbus soak``):
 - good throughput while misbehaving >= ``MIN_RATIO`` x the baseline;
 - no good message lost or corrupted (ring messages and call()s);
 - daemon RSS at the end (bad clients gone) at most ``MAX_RSS_GROWTH`` (10 %)
-  or ``RSS_ALLOWANCE_KIB`` (6 MiB), whichever is larger, above the end of the
+  or ``RSS_ALLOWANCE_KIB`` (8 MiB), whichever is larger, above the end of the
   baseline.  The allowance is the allocators' high-water mark after the
-  catalogue's biggest holders (hundreds of queues at once, 1 MiB spans):
-  +4.6, +4.3 and +4.5 MiB after 20, 60 and 150 s of ``--bad all`` on a
-  38 MiB daemon here, a plateau rather than a leak (about half of it is
-  glibc's dynamic mmap threshold keeping freed spans in the heap);
+  catalogues' biggest holders (hundreds of queues at once, 1 MiB spans,
+  guest memory tables, xenstore trees, venet backlogs): with every catalogue
+  of ``--bad all``, +6.4 MiB after 20 s and +5.1 MiB after 60 s on a 41 MiB
+  daemon here, a plateau rather than a leak (about half of it is glibc's
+  dynamic mmap threshold keeping freed spans in the heap);
 - daemon fds back to the baseline's count at the end, and to the start's count
   once the good clients are gone too; the same for clients and connections;
 - no exception anywhere: none logged by the daemon, none in a good client;
@@ -39,7 +40,7 @@ __all__ = [
 
 MIN_RATIO = 0.8
 MAX_RSS_GROWTH = 0.10
-RSS_ALLOWANCE_KIB = 6 * 1024
+RSS_ALLOWANCE_KIB = 8 * 1024
 
 
 def rss_limit_kib(baseline_kib: int) -> int:
