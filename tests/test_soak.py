@@ -4,7 +4,8 @@ For each bad client: the daemon reacts as docs/design.md section 6 promises (the
 right fault / error / disconnect and reason), a good client streaming on the
 same device meanwhile loses and corrupts nothing and keeps moving, and the
 daemon's descriptors come back to what they were.  Then ``vbus soak`` itself,
-20 seconds of it, as a subprocess.
+20 seconds of it, as a subprocess.  The kvm catalogue's own tests are in
+tests/test_soak_kvm.py.
 """
 
 from __future__ import annotations
@@ -78,15 +79,21 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
 
 
 def test_the_catalogue_is_complete_and_selectable() -> None:
-    names = [cls.name for cls in catalogue()]
+    names = [cls.name for cls in catalogue("userspace")]
     assert names == list(EXPECTED)
-    assert CONNECTORS == ("userspace",)
-    assert select("all") == catalogue() == select("userspace")
+    assert CONNECTORS == ("userspace", "kvm")
+    assert select("all") == catalogue() == catalogue("userspace") + catalogue("kvm")
+    assert select("userspace") == catalogue("userspace")
+    assert select("kvm") == catalogue("kvm") and all(
+        c.name.startswith("kvm_") for c in select("kvm")
+    )
     assert [c.name for c in select("stall, crash,stall")] == ["stall", "crash"]
     with pytest.raises(ValueError, match="unknown misbehaviour 'nope'"):
         select("stall,nope")
-    for cls in catalogue():
-        assert cls.summary and cls.expect and cls.connector == "userspace"
+    for connector in CONNECTORS:
+        for cls in catalogue(connector):
+            assert cls.summary and cls.expect and cls.connector == connector
+    assert len({cls.name for cls in catalogue()}) == len(catalogue())
 
 
 def test_good_messages_detect_corruption_and_strangers() -> None:
@@ -161,7 +168,7 @@ async def _next_to_a_good_client(daemon: Daemon, cls: type[Misbehaviour]) -> Non
     assert stats.calls > 20
 
 
-@pytest.mark.parametrize("cls", catalogue(), ids=lambda cls: cls.name)
+@pytest.mark.parametrize("cls", catalogue("userspace"), ids=lambda cls: cls.name)
 async def test_misbehaviour_is_detected_and_nobody_else_notices(
     vbusd: Callable[..., Daemon], tmp_path: Path, cls: type[Misbehaviour]
 ) -> None:

@@ -59,6 +59,7 @@ __all__ = [
     "GuestFaulted",
     "SimGuest",
     "main",
+    "run_vmm",
 ]
 
 MiB = 1 << 20
@@ -466,16 +467,24 @@ class SimGuest:
         ring._publish(1)
         ring.signal.notify(force=True)
 
-    async def storm(self, doorbell: int, seconds: float = 5.0) -> int:
-        """Ring ``doorbell`` as fast as possible, with nothing posted, until the
-        guest is faulted or ``seconds`` pass; how many rings."""
+    async def storm(
+        self, doorbell: int, seconds: float = 5.0, *, burst: int = 1000, pace: float = 0.0
+    ) -> int:
+        """Ring ``doorbell`` with nothing posted, ``burst`` rings at a time and
+        ``pace`` seconds between bursts (0: as fast as possible), until the
+        guest is faulted or ``seconds`` pass; how many rings.  A paced storm
+        adds the rings up in one eventfd write per burst (what the daemon
+        counts is the same), so it costs the storming process little."""
         rings = 0
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not (self.bridge and self.bridge.fault[0]):
-            for _ in range(1000):
-                self.ring(doorbell)
-            rings += 1000
-            await asyncio.sleep(0)
+            if pace:
+                self.ring(doorbell, burst)
+            else:
+                for _ in range(burst):
+                    self.ring(doorbell)
+            rings += burst
+            await asyncio.sleep(pace)
         return rings
 
     # --- teardown --------------------------------------------------------------------------
@@ -515,7 +524,9 @@ def _fd_array(fds: Sequence[int]) -> bytes:
 # --- a simulated VMM in a process of its own ----------------------------------------------
 
 
-async def _run(path: Path, name: str, mode: str) -> int:
+async def run_vmm(path: Path, name: str, mode: str = "traffic") -> int:
+    """One simulated VMM: register, open echo0, echo traffic (``traffic``: until
+    killed or faulted; ``idle``: until the daemon hangs up); 1 if refused."""
     guest = SimGuest(path, name)
     try:
         await guest.register()
@@ -555,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         os.setgroups([])
         os.setresgid(args.as_uid, args.as_uid, args.as_uid)
         os.setresuid(args.as_uid, args.as_uid, args.as_uid)
-    return asyncio.run(_run(args.socket, args.name, args.mode))
+    return asyncio.run(run_vmm(args.socket, args.name, args.mode))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ to a per-uid bound, so it runs under a uid that no other client uses.
 
 Extension point: a connector's catalogue is a module here that exports
 ``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
-``_MODULES``.  Hostile KVM guests (``kvm.py``) and hostile domUs
-(``xen.py``) go next to ``userspace.py`` when those connectors exist; their
-``Context`` needs are added as optional fields below.
+``_MODULES``: ``userspace.py`` (misbehaving processes) and ``kvm.py``
+(hostile KVM guests, simulated by ``vbus.kvmsim``).  Hostile domUs
+(``xen.py``) go next to them when that connector exists; a connector's
+``Context`` needs are optional fields below (``kvm_socket``).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ Expect: TypeAlias = Literal[
 ]
 
 # connector -> module with its CATALOGUE, in the order of the report
-_MODULES: dict[str, str] = {"userspace": "vbus.soak.catalogue.userspace"}
+_MODULES: dict[str, str] = {
+    "userspace": "vbus.soak.catalogue.userspace",
+    "kvm": "vbus.soak.catalogue.kvm",
+}
 CONNECTORS: tuple[str, ...] = tuple(_MODULES)
 
 
@@ -94,6 +98,8 @@ class Context:
     # Resolves detections only the daemon's log can time (a SIGKILLed client
     # sees nothing): returns the log text, or None where it is not readable.
     read_log: Callable[[], str] | None = None
+    # The daemon's kvm.sock, where simulated VMMs register their guests (None: no kvm).
+    kvm_socket: Path | None = None
     rng: random.Random = field(init=False)
     gate: asyncio.Lock = field(init=False)  # connects vs. bursts of half-open sockets
 
