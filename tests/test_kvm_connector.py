@@ -508,7 +508,13 @@ def _vmm(daemon: Daemon, *args: str) -> subprocess.Popen[str]:
 async def test_sigkill_of_a_vmm_releases_everything(
     vbusd: Callable[..., Daemon], tmp_path: Path
 ) -> None:
-    daemon = vbusd("--no-admin", "--config", _config(tmp_path))
+    daemon = vbusd("--config", _config(tmp_path))
+    # The bus's connections file in the admin tree, where it is mounted (read
+    # once before the baseline: the tree's first use may open descriptors).
+    table = daemon.admin / "buses" / "default" / "connections"
+    admin = daemon.admin_mounted
+    if admin:
+        assert await asyncio.to_thread(table.read_text) == ""
     await asyncio.sleep(0.2)
     fds, maps = daemon.fd_count(), daemon.memfd_mappings()
     before = await _status(daemon)
@@ -524,6 +530,9 @@ async def test_sigkill_of_a_vmm_releases_everything(
         assert int(during["connections"]) == int(before["connections"]) + 1
         assert int(during["clients"]) == int(before["clients"]) + 1
         assert int(during["shm_bytes"]) > int(before["shm_bytes"])
+        if admin:
+            held = await asyncio.to_thread(table.read_text)
+            assert "vm=victim" in held and "device=echo0" in held, held
         await asyncio.sleep(0.2)
         vmm.send_signal(signal.SIGKILL)
         await asyncio.to_thread(vmm.wait, 10)
@@ -537,6 +546,8 @@ async def test_sigkill_of_a_vmm_releases_everything(
     for key in ("connections", "clients", "shm_bytes", "client_fds", "client_mappings"):
         assert after[key] == before[key], key
     assert f'"pid": {vmm.pid}' in daemon.log() and '"guest.closed"' in daemon.log()
+    if admin:
+        assert await asyncio.to_thread(table.read_text) == ""
 
 
 async def test_a_vmm_no_rule_admits_is_refused_and_sees_nothing(

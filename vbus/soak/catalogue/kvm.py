@@ -34,6 +34,7 @@ from vbus.kvmabi import CallSlot, FaultReason, Op
 from vbus.kvmsim import BAD_TABLES, HOLE, RAM_SIZE, SimGuest
 from vbus.soak.catalogue import Context, Misbehaviour, Outcome, Unexpected
 from vbus.soak.catalogue.userspace import resolve_crash
+from vbus.soak.wire import WireClient
 
 __all__ = [
     "CATALOGUE",
@@ -66,6 +67,14 @@ class KvmMisbehaviour(Misbehaviour):
 # --- helpers --------------------------------------------------------------------
 
 
+def _joins() -> None:
+    """A guest is about to join the bad clients' bus: it takes a client id
+    there like any process does, so it is counted where ``cross_tenant``
+    checks that ids count the clients of their own bus only.  (A REGISTER
+    refused for its memory table has joined first: it counts too.)"""
+    WireClient.welcomes += 1
+
+
 def _name(behaviour: str, rng: random.Random) -> str:
     return f"soak-{behaviour}-{rng.getrandbits(24):06x}"
 
@@ -76,6 +85,7 @@ async def booted(ctx: Context, behaviour: str) -> AsyncIterator[SimGuest]:
     assert ctx.kvm_socket is not None
     guest = SimGuest(ctx.kvm_socket, _name(behaviour, ctx.rng))
     try:
+        _joins()
         reply = await guest.register(ctx.timeout)
         if reply.bus == "":
             raise Unexpected("REGISTERED without a bus")
@@ -324,6 +334,7 @@ class KvmRegister(KvmMisbehaviour):
         kind = rng.choice([*BAD_TABLES, "too_many_fds"])
         guest = SimGuest(ctx.kvm_socket, _name(self.name, rng))
         try:
+            _joins()
             t0 = time.monotonic()
             if kind == "too_many_fds":
                 frame = kvmabi.encode(guest.message(), 1)
@@ -374,6 +385,7 @@ class KvmCrash(KvmMisbehaviour):
         os.set_blocking(r, False)
         loop = asyncio.get_running_loop()
         name = _name(self.name, ctx.rng)
+        _joins()  # the child's, counted here
         pid = os.fork()
         if pid == 0:
             os.close(r)
