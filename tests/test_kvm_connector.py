@@ -624,3 +624,43 @@ async def test_a_device_unlinked_under_a_guest_is_revoked(
         assert await guest.call(keep, 1, b"on") == b"on"
     finally:
         guest.close()
+
+
+async def test_a_guest_whose_member_rule_goes_is_told_and_released(
+    vbusd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = vbusd("--config", _config(tmp_path))
+    require(daemon.admin_mounted, "the admin tree (FUSE) is not mounted")
+    guest = await _booted(_kvm(daemon), "g3")
+    try:
+        _handle, tx, rx = await guest.echo_pair("echo0")
+        sent = _payloads(9, 1000)
+        assert await guest.exchange(tx, rx, sent) == sent
+        members = daemon.admin / "buses" / "default" / "members"
+        rule = (await asyncio.to_thread(members.read_text)).strip()
+        await asyncio.to_thread(members.write_text, f"-{rule}\n")
+        events = await _events(guest)
+        assert kvmabi.Event(EventKind.BUS_GONE, 0, 0) in events, events
+        assert await asyncio.wait_for(guest.hung_up.wait(), 10)
+        frames = [guest.frames.get_nowait() for _ in range(guest.frames.qsize())]
+        assert any(isinstance(f, kvmabi.Error) and f.errno == errno.EACCES for f in frames), frames
+        await _until(lambda: _maps_of(daemon, "g3") == 0, what="the guest's RAM unmapped")
+    finally:
+        guest.close()
+
+
+async def test_a_stopping_daemon_tells_its_guests(
+    vbusd: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    daemon = vbusd("--no-admin", "--config", _config(tmp_path))
+    guest = await _booted(_kvm(daemon), "g4")
+    try:
+        await guest.echo_pair("echo0")
+        assert await asyncio.to_thread(daemon.stop) == 0
+        assert guest.bridge is not None
+        assert kvmabi.Event(EventKind.SHUTDOWN, 0, 0) in guest.bridge.events()
+        assert await asyncio.wait_for(guest.hung_up.wait(), 10)
+        frames = [guest.frames.get_nowait() for _ in range(guest.frames.qsize())]
+        assert any(isinstance(f, kvmabi.Error) and f.errno == errno.ESHUTDOWN for f in frames)
+    finally:
+        guest.close()
