@@ -33,7 +33,7 @@ from vbus.client import connect
 from vbus.errors import NotFound
 from vbus.ioq import IoqNorth
 from vbus.kvmabi import CallSlot, EventKind, FaultReason, Op
-from vbus.kvmsim import BAD_TABLES, HOLE, RAM_SIZE, MiB, SimGuest
+from vbus.kvmsim import BAD_TABLES, BRIDGE_GPA, HOLE, RAM_SIZE, MiB, SimGuest
 
 pytestmark = pytest.mark.integration
 
@@ -245,7 +245,7 @@ async def _bad_op(guest: SimGuest, ring: IoqNorth | None) -> None:
     """A call slot with an op that does not exist."""
     assert guest.bridge is not None
     index = guest.bridge.post(CallSlot(Op.ENUMERATE, reply=0x4000, reply_cap=4096))
-    _poke(guest, 0x1000 + kvmabi.call_slot_offset(index), 99)
+    _poke(guest, BRIDGE_GPA + kvmabi.call_slot_offset(index), 99)
     guest.ring(0)
 
 
@@ -292,7 +292,7 @@ async def _garbage_call_ring(guest: SimGuest, ring: IoqNorth | None) -> None:
 
 async def _event_tail(guest: SimGuest, ring: IoqNorth | None) -> None:
     """``event_tail`` far from anything the host posted."""
-    _poke(guest, 0x1000 + 0x1C, 12345)
+    _poke(guest, BRIDGE_GPA + 0x1C, 12345)
     guest.ring(0)
 
 
