@@ -343,15 +343,17 @@ async def test_hostile_guest_is_faulted_and_the_witness_goes_on(
         await acting
         assert frame.reason == reason, frame
         assert frame.message
-        assert bad.fault[0] == reason
+        assert bad.fault[0] == reason, bad.fault
         assert bad.interrupts(0) >= 1, "interrupt 0 was not raised"
         # Everything held for the guest is released; its VMM's socket stays.
         await _until(lambda: _maps_of(daemon, "bad") == 0, what="the guest's RAM unmapped")
         await _until(lambda: daemon.fd_count() == fds + 1, what="only the VMM socket left")
         after = await _status(daemon)
-        assert after["connections"] == status["connections"]
-        assert after["clients"] == status["clients"]  # a faulted guest is no client
-        assert int(after["clients_faults"]) == int(status["clients_faults"]) + 1
+        figures = ("connections", "clients", "clients_faults")
+        seen = {key: (status[key], after[key]) for key in figures}
+        assert after["connections"] == status["connections"], seen
+        assert after["clients"] == status["clients"], seen  # a faulted guest is no client
+        assert int(after["clients_faults"]) == int(status["clients_faults"]) + 1, seen
         assert f'"reason": "{reason.name}"' in daemon.log()
         # Nothing more is served: the call ring is dead.
         bad.bridge.post(CallSlot(Op.ENUMERATE, reply=0x4000, reply_cap=4096))  # type: ignore[union-attr]
