@@ -87,6 +87,11 @@ async def _until(
         await asyncio.sleep(0.02)
 
 
+async def _logged(daemon: Daemon, text: str) -> None:
+    """Wait for ``text`` in the daemon's log (its lines reach the file on their own time)."""
+    await _until(lambda: text in daemon.log(), what=f"{text!r} in the daemon's log")
+
+
 def _payloads(tag: int, n: int, size: int = 64) -> list[bytes]:
     """``n`` distinct messages: the tag and sequence number, repeated to ``size``."""
     return [struct.pack("<IQI", tag, i, ~i & 0xFFFFFFFF) * (size // 16) for i in range(n)]
@@ -354,7 +359,7 @@ async def test_hostile_guest_is_faulted_and_the_witness_goes_on(
         assert after["connections"] == status["connections"], seen
         assert after["clients"] == status["clients"], seen  # a faulted guest is no client
         assert int(after["clients_faults"]) == int(status["clients_faults"]) + 1, seen
-        assert f'"reason": "{reason.name}"' in daemon.log()
+        await _logged(daemon, f'"reason": "{reason.name}"')
         # Nothing more is served: the call ring is dead.
         bad.bridge.post(CallSlot(Op.ENUMERATE, reply=0x4000, reply_cap=4096))  # type: ignore[union-attr]
         bad.ring(0)
@@ -547,7 +552,8 @@ async def test_sigkill_of_a_vmm_releases_everything(
     after = await _status(daemon)
     for key in ("connections", "clients", "shm_bytes", "client_fds", "client_mappings"):
         assert after[key] == before[key], key
-    assert f'"pid": {vmm.pid}' in daemon.log() and '"guest.closed"' in daemon.log()
+    await _logged(daemon, f'"pid": {vmm.pid}, "uid": {os.getuid()}, "vm": "victim"')
+    await _logged(daemon, '"guest.closed"')
     if admin:
         assert await asyncio.to_thread(table.read_text) == ""
 
@@ -574,7 +580,7 @@ async def test_a_vmm_no_rule_admits_is_refused_and_sees_nothing(
         assert _maps_of(daemon, "outsider") == 0
     finally:
         guest.close()
-    assert '"reason": "not a member of any bus"' in daemon.log()
+    await _logged(daemon, '"reason": "not a member of any bus"')
 
 
 async def test_a_vmm_of_a_stranger_uid_is_refused(
@@ -587,7 +593,7 @@ async def test_a_vmm_of_a_stranger_uid_is_refused(
     assert vmm.returncode == 1, out + err
     assert out.startswith(f"refused {errno.EACCES} ") and "not a member" in out, out + err
     assert _maps_of(daemon, "stranger") == 0
-    assert f'"uid": {NOBODY}' in daemon.log()
+    await _logged(daemon, f'"uid": {NOBODY}')
     status = await _status(daemon)
     assert status["connections"] == "0"
 
