@@ -4,7 +4,8 @@ For each bad client: the daemon reacts as docs/design.md section 6 promises (the
 right fault / error / disconnect and reason), a good client streaming on the
 same device meanwhile loses and corrupts nothing and keeps moving, and the
 daemon's descriptors come back to what they were.  Then ``vbus soak`` itself,
-20 seconds of it, as a subprocess.
+20 seconds of it, as a subprocess.  The kvm catalogue's own tests are in
+tests/test_soak_kvm.py.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ EXPECTED: dict[str, tuple[tuple[str, ...], Callable[[Any], bool]]] = {
 def test_the_catalogue_is_complete_and_selectable() -> None:
     names = [cls.name for cls in CASES]
     assert names == list(EXPECTED)
-    assert CONNECTORS == ("userspace", "xen", "vhost_user", "venet")
+    assert CONNECTORS == ("userspace", "kvm", "xen", "vhost_user", "venet")
     assert select("all") == catalogue() == sum((select(c) for c in CONNECTORS), ())
     assert [c.name for c in select("stall, crash,stall")] == ["stall", "crash"]
     with pytest.raises(ValueError, match="unknown misbehaviour 'nope'"):
@@ -116,6 +117,8 @@ def test_the_catalogue_is_complete_and_selectable() -> None:
         "evtchn_storm",
         "xenstore_flood",
     }
+    assert all(c.name.startswith("kvm_") for c in select("kvm"))
+    assert len({cls.name for cls in catalogue()}) == len(catalogue())
 
 
 def test_good_messages_detect_corruption_and_strangers() -> None:

@@ -22,7 +22,9 @@ far beyond any work), a stalled receiver (``shm`` and never ``recv``), and
 
 ``python -m vbus.kvmsim SOCKET`` runs one simulated guest in its own process
 (registers, opens ``echo0``, streams echo traffic until killed), printing
-``ready`` once traffic flows: a VMM that can be SIGKILLed.
+``ready`` once traffic flows: a VMM that can be SIGKILLed.  A refused
+registration prints ``refused ERRNO MESSAGE`` and exits 1; ``--as-uid``
+makes it a VMM of another uid.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ __all__ = [
     "GuestFaulted",
     "SimGuest",
     "main",
+    "run_vmm",
 ]
 
 MiB = 1 << 20
@@ -260,7 +263,10 @@ class SimGuest:
         fd = self.irqs[irq]
         loop.add_reader(fd, _wake, ready)
         try:
-            await asyncio.wait_for(ready, timeout)
+            # asyncio.timeout, not wait_for: wait_for (3.11) loses a cancellation
+            # that arrives as the interrupt does, and the caller runs on.
+            async with asyncio.timeout(timeout):
+                await ready
         except TimeoutError:
             pass
         finally:
@@ -333,9 +339,11 @@ class SimGuest:
         doorbell: int = 1,
         irq: int = 1,
         mitigation: bool = True,
+        post: int | None = None,
     ) -> IoqNorth:
         """An ioq ring in guest RAM (region 0), its buffers in region 1,
-        registered as queue ``index`` of ``handle``."""
+        registered as queue ``index`` of ``handle``; a writable one gets
+        ``post`` empty buffers (all ``count`` unless given)."""
         k = self._queues
         if (
             k >= MAX_QUEUES
@@ -366,7 +374,7 @@ class SimGuest:
             )
         )
         if writable:
-            ring.post_empty(count)
+            ring.post_empty(count if post is None else post)
             ring.signal.notify()
         self.rings.append(ring)
         return ring
@@ -434,11 +442,14 @@ class SimGuest:
                 return frame
 
     # --- hostile acts --------------------------------------------------------------------
-    def scribble_bridge(self, rng: random.Random | None = None) -> None:
-        """Garbage into the bridge header's reserved words (or its magic), then ring."""
+    def scribble_bridge(self, rng: random.Random | None = None, at: int | None = None) -> None:
+        """Garbage into the bridge header's reserved words (or its magic or
+        version; ``at``: that offset), then ring."""
         rng = rng or random.Random()
-        at = BRIDGE_GPA + rng.choice((0x0, 0x4, 0x24, 0x28, 0x30, 0x3C))
-        self.ram[at : at + 4] = (rng.randrange(1, 1 << 32)).to_bytes(4, "little")
+        if at is None:
+            at = rng.choice((0x0, 0x4, 0x24, 0x28, 0x30, 0x3C))
+        word = rng.randrange(2, 1 << 32)  # never the version (1) nor zero
+        self.ram[BRIDGE_GPA + at : BRIDGE_GPA + at + 4] = word.to_bytes(4, "little")
         self.ring(0)
 
     def garbage_call_ring(self) -> None:
@@ -456,16 +467,24 @@ class SimGuest:
         ring._publish(1)
         ring.signal.notify(force=True)
 
-    async def storm(self, doorbell: int, seconds: float = 5.0) -> int:
-        """Ring ``doorbell`` as fast as possible, with nothing posted, until the
-        guest is faulted or ``seconds`` pass; how many rings."""
+    async def storm(
+        self, doorbell: int, seconds: float = 5.0, *, burst: int = 1000, pace: float = 0.0
+    ) -> int:
+        """Ring ``doorbell`` with nothing posted, ``burst`` rings at a time and
+        ``pace`` seconds between bursts (0: as fast as possible), until the
+        guest is faulted or ``seconds`` pass; how many rings.  A paced storm
+        adds the rings up in one eventfd write per burst (what the daemon
+        counts is the same), so it costs the storming process little."""
         rings = 0
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not (self.bridge and self.bridge.fault[0]):
-            for _ in range(1000):
-                self.ring(doorbell)
-            rings += 1000
-            await asyncio.sleep(0)
+            if pace:
+                self.ring(doorbell, burst)
+            else:
+                for _ in range(burst):
+                    self.ring(doorbell)
+            rings += burst
+            await asyncio.sleep(pace)
         return rings
 
     # --- teardown --------------------------------------------------------------------------
@@ -505,7 +524,9 @@ def _fd_array(fds: Sequence[int]) -> bytes:
 # --- a simulated VMM in a process of its own ----------------------------------------------
 
 
-async def _run(path: Path, name: str, mode: str) -> int:
+async def run_vmm(path: Path, name: str, mode: str = "traffic") -> int:
+    """One simulated VMM: register, open echo0, echo traffic (``traffic``: until
+    killed or faulted; ``idle``: until the daemon hangs up); 1 if refused."""
     guest = SimGuest(path, name)
     try:
         await guest.register()
@@ -536,8 +557,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("socket", type=Path, help="the daemon's kvm.sock")
     parser.add_argument("--name", default="sim0")
     parser.add_argument("--mode", choices=("traffic", "idle"), default="traffic")
+    parser.add_argument(
+        "--as-uid", type=int, help="become this uid (and group) before connecting: a stranger VMM"
+    )
     args = parser.parse_args(argv)
-    return asyncio.run(_run(args.socket, args.name, args.mode))
+    if args.as_uid is not None:
+        # Everything is imported by now: the interpreter may live where that uid cannot read.
+        os.setgroups([])
+        os.setresgid(args.as_uid, args.as_uid, args.as_uid)
+        os.setresuid(args.as_uid, args.as_uid, args.as_uid)
+    return asyncio.run(run_vmm(args.socket, args.name, args.mode))
 
 
 if __name__ == "__main__":

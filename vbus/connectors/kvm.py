@@ -497,7 +497,7 @@ class _Guest:
     def faulted(self, handle: int, reason: str) -> None:
         code = reason_of(reason)
         if code in kvmabi.WHOLE_GUEST:
-            self.fault(code, handle, reason)
+            self.fault(code, handle, reason, counted=True)
         else:
             self.event(EventKind.FAULT, handle, code)
 
@@ -509,14 +509,19 @@ class _Guest:
         self.connector._drop(self, reason, level="info", code=errno.EACCES)
 
     # --- faults and teardown -----------------------------------------------------------
-    def fault(self, reason: FaultReason, detail: int, message: str) -> None:
+    def fault(
+        self, reason: FaultReason, detail: int, message: str, *, counted: bool = False
+    ) -> None:
         """The whole guest broke the ABI: fault register, interrupt 0, FAULTED,
-        release everything (the socket stays until the VMM hangs up)."""
+        release everything (the socket stays until the VMM hangs up).
+        ``counted``: the core already counted it (a handle's fault that is
+        the whole guest's), so one bad act is one fault in ``status``."""
         if self.state != "running":
             return
         self.state = "faulted"
         self.fault_reason = int(reason)
-        self.connector.counters["faults"] += 1
+        if not counted:
+            self.connector.counters["faults"] += 1
         self.log.warning("guest.faulted", reason=reason.name, detail=detail, message=message)
         if self.bridge is not None:
             self.bridge.set_fault(reason, detail)

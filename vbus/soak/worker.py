@@ -139,6 +139,7 @@ async def run_bad(args: argparse.Namespace) -> int:
         hold=args.hold,
         venets=tuple(v for v in args.venets.split(",") if v),
         on_note=lambda behaviour, what: emit("note", behaviour=behaviour, what=what),
+        kvm_socket=args.kvm_socket or _beside(args.socket, "kvm.sock"),
     )
     behaviours = []
     skipped: dict[str, str] = {}
@@ -187,6 +188,12 @@ async def run_bad(args: argparse.Namespace) -> int:
     return 0
 
 
+def _beside(socket: Path, name: str) -> Path | None:
+    """``name`` in the directory of ``socket``, if it is there."""
+    path = socket.parent / name
+    return path if path.exists() else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vbus.soak.worker")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
@@ -225,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "privileges are dropped",
     )
     bad.add_argument("--hold", type=float, default=0.2, help="seconds a reached bound is kept")
+    bad.add_argument(
+        "--kvm-socket", type=Path, help="the daemon's kvm.sock (default: beside --socket)"
+    )
     bad.add_argument("--xen-socket", type=Path, help="the daemon's xen.sock")
     bad.add_argument("--xen-domids", default="", help="domids admitted to its bus, comma-separated")
     bad.add_argument("--venets", default="", help="venet devices of one switch on its bus")

@@ -16,11 +16,12 @@ to a per-uid bound, so it runs under a uid that no other client uses.
 
 Extension point: a connector's catalogue is a module here that exports
 ``CATALOGUE`` (a tuple of Misbehaviour subclasses) and is listed in
-``_MODULES``: ``userspace.py`` (hostile processes), ``xen.py`` (hostile
-domains, which need ``xen_socket`` and a pool of admitted ``xen_domids``),
-``vhost_user.py`` (hostile VMMs, which need ``vhost_dir``) and ``venet.py``
-(bad venet norths, which need ``venets``).  A connector's ``Context`` needs
-are optional fields below.
+``_MODULES``: ``userspace.py`` (hostile processes), ``kvm.py`` (hostile KVM
+guests, simulated by ``vbus.kvmsim``, which need ``kvm_socket``), ``xen.py``
+(hostile domains, which need ``xen_socket`` and a pool of admitted
+``xen_domids``), ``vhost_user.py`` (hostile VMMs, which need ``vhost_dir``)
+and ``venet.py`` (bad venet norths, which need ``venets``).  A connector's
+``Context`` needs are optional fields below.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ Expect: TypeAlias = Literal[
 # connector -> module with its CATALOGUE, in the order of the report
 _MODULES: dict[str, str] = {
     "userspace": "vbus.soak.catalogue.userspace",
+    "kvm": "vbus.soak.catalogue.kvm",
     "xen": "vbus.soak.catalogue.xen",
     "vhost_user": "vbus.soak.catalogue.vhost_user",
     "venet": "vbus.soak.catalogue.venet",
@@ -102,6 +104,8 @@ class Context:
     # Resolves detections only the daemon's log can time (a SIGKILLed client
     # sees nothing): returns the log text, or None where it is not readable.
     read_log: Callable[[], str] | None = None
+    # The daemon's kvm.sock, where simulated VMMs register their guests (None: no kvm).
+    kvm_socket: Path | None = None
     # The Xen connector's attach socket, and domids a ``domid:N`` rule admits
     # to the bus of ``device`` (a hostile domain attaches under one of them).
     xen_socket: Path | None = None

@@ -878,11 +878,12 @@ async def _reap(pid: int) -> None:
 
 def resolve_crash(outcome: Outcome, log: str) -> bool:
     """Time the daemon's release of a killed client from its log (``client.closed``
-    for that pid): the client is dead and cannot see it.  False if not there yet."""
+    for that pid, or the event ``pending`` names): the client is dead and
+    cannot see it.  False if not there yet."""
     pending = outcome.pending
     if not pending:
         return True
-    closed = _closed_at(log, pending["pid"])
+    closed = _closed_at(log, pending["pid"], pending.get("event", "client.closed"))
     if closed is None:
         return False
     reason, at = closed
@@ -894,10 +895,11 @@ def resolve_crash(outcome: Outcome, log: str) -> bool:
     return True
 
 
-def _closed_at(log: str, pid: int) -> tuple[str, float] | None:
+def _closed_at(log: str, pid: int, event: str = "client.closed") -> tuple[str, float] | None:
     needle = f'"pid": {pid},'
+    quoted = f'"{event}"'
     for line in log.splitlines():
-        if '"client.closed"' not in line or needle not in line:
+        if quoted not in line or needle not in line:
             continue
         try:
             record = json.loads(line)
