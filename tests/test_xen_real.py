@@ -149,18 +149,24 @@ def _frontend(lab: XenLab, name: str, domid: int) -> dict[str, int]:
         textwrap.dedent(
             f"""\
             i=0
-            until [ "$(xenstore-read {fe}/state 2>/dev/null)" = 4 ]; do
+            # Connected, with every key readable in one pass (a read can race
+            # netfront's own transaction on a loaded machine: read again)
+            until [ "$(xenstore-read {fe}/state 2>/dev/null)" = 4 ] &&
+                  out=$(for key in tx-ring-ref rx-ring-ref event-channel request-rx-copy; do
+                            v=$(xenstore-read {fe}/$key 2>/dev/null) && [ -n "$v" ] || exit 1
+                            echo "$key=$v"
+                        done); do
                 i=$((i + 1)); [ $i -lt {FRONTEND_TIMEOUT * 5} ] || exit 3
                 sleep 0.2
             done
-            for key in tx-ring-ref rx-ring-ref event-channel request-rx-copy; do
-                echo "$key=$(xenstore-read {fe}/$key)"
-            done
+            echo "$out"
             """
         ),
         timeout=FRONTEND_TIMEOUT + 30,
     )
-    assert out.rc == 0, f"netfront never connected; domU console:\n{_console(lab, name)}"
+    assert out.rc == 0, (
+        f"netfront never connected with its keys; domU console:\n{_console(lab, name)}"
+    )
     return {k: int(v) for k, v in (line.split("=", 1) for line in out.out.split())}
 
 
