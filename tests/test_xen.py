@@ -291,6 +291,48 @@ async def test_device_unlinked_closes_the_frontend(daemon: Daemon) -> None:
         domu._release()
 
 
+async def test_device_linked_after_attach_is_published_and_serves(daemon: Daemon) -> None:
+    """A device linked to the bus of an attached domain appears in its
+    xenstore (backend InitWait) and connects; unlinked before any frontend
+    used it, its nodes go at once."""
+    require(daemon.admin_mounted, "the admin tree (FUSE) is not mounted")
+    domu = await DomU.attach(xen_sock(daemon), 7)
+    try:
+        assert [name for _, name, _ in await domu.devices()] == ["echo0"]
+        link = daemon.admin / "buses" / "lab" / "other"
+        await asyncio.to_thread(os.symlink, "../../devices/other", link)
+        devid = await _devid(domu, "other")
+        back = backend_path(7, devid)
+        await wait_for(lambda: xs(daemon, "xenstore-read", f"{back}/state").strip() == "2",
+                       "the new device's backend in InitWait")  # fmt: skip
+        frontend = await domu.frontend("other")
+        await echo(frontend, 1000)
+        await frontend.close()
+        await asyncio.to_thread(os.unlink, link)
+        await wait_for(lambda: "ERROR" in xs(daemon, "xenstore-read", frontend_path(7, devid)),
+                       "the unlinked device's nodes to go")  # fmt: skip
+        # linked and unlinked again without a frontend ever connecting
+        await asyncio.to_thread(os.symlink, "../../devices/other", link)
+        again = await _devid(domu, "other")
+        await asyncio.to_thread(os.unlink, link)
+        await wait_for(lambda: "ERROR" in xs(daemon, "xenstore-read", backend_path(7, again)),
+                       "the idle device's backend nodes to go")  # fmt: skip
+        frontend0 = await domu.frontend("echo0")
+        await echo(frontend0, 100)  # the first device never noticed
+    finally:
+        domu._release()
+
+
+async def _devid(domu: DomU, name: str, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [devid for devid, n, _ in await domu.devices() if n == name]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"{name} was never published"
+        await asyncio.sleep(0.05)
+
+
 async def test_sigkilled_domain_is_released(daemon: Daemon) -> None:
     await asyncio.sleep(0.5)
     fds, maps = daemon.fd_count(), daemon.memfd_mappings()

@@ -179,6 +179,7 @@ class XenConnector:
             raise
         self._listener = sock
         self.loop.add_reader(sock.fileno(), self._accept)
+        self.topology.link_watchers.append(self._links_changed)
         log.info("xen.listening", socket=str(self.path))
 
     def _clear_domains(self) -> None:
@@ -193,6 +194,8 @@ class XenConnector:
             xs.rm("/local/domain/0/backend/vbus")
 
     def stop(self, reason: str = "daemon stopping") -> None:
+        with contextlib.suppress(ValueError):
+            self.topology.link_watchers.remove(self._links_changed)
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
@@ -420,6 +423,39 @@ class XenConnector:
             domain.devices[device.devid] = device
             self._publish(device)
         return self.xenstore.domain_socket(domid)
+
+    def _links_changed(self) -> None:
+        """A device was linked to or unlinked from a bus: every attached
+        domain on it sees the new one published (InitWait, as at attach), and
+        a published one that is no longer there goes Closing; its nodes go
+        once the frontend is Closed.  Open devices are revoked by the
+        topology first (``revoked``), so they are already marked gone."""
+        for domain in list(self.by_domid.values()):
+            north = domain.north
+            if domain.closed or north is None:
+                continue
+            bus = north.bus
+            try:
+                linked = {bus.id_of(dev): dev for dev in self.topology.devices_on(bus)}
+            except VbusError:
+                continue  # the bus is going: the core expels its members
+            for devid, device in list(domain.devices.items()):
+                dev = linked.get(devid)
+                if device.gone or (dev is not None and dev.name == device.name):
+                    continue
+                device.gone = True
+                idle = device.state in (XenbusState.INIT_WAIT, XenbusState.CLOSED)
+                if idle and device.attachment is None:
+                    self._set_state(device, XenbusState.CLOSED)  # nothing was connected
+                    self._unpublish(device)
+                else:
+                    self._close_device(device, f"device {device.name!r} was unlinked")
+            for devid, dev in linked.items():
+                if devid not in domain.devices:
+                    device = _Device(domain, devid, dev.name, dev.deviceclass or "")
+                    domain.devices[devid] = device
+                    self._publish(device)
+                    domain.log.info("backend.published", device=dev.name, devid=devid)
 
     def _publish(self, device: _Device) -> None:
         xs = self.xs
