@@ -27,6 +27,10 @@ from tests.conftest import Daemon, require
 from tests.test_venet_net import TapProc, netns, run, start_tap, taps  # noqa: F401 - fixtures
 from vbus.connectors.vhost_user import socket_path
 from vbus.vhost import guest as guestlib
+from vbus.vhost import wire
+from vbus.vhost.driver import NEXT
+from vbus.vhost.frontend import Frontend
+from vbus.vhost.wire import P, Request
 
 SUBNET = "10.199.0"
 GUEST_MAC = "02:00:00:00:77:02"
@@ -38,9 +42,11 @@ mac = "{GUEST_MAC}"
 class = "venet"
 [devices.v2]
 class = "venet"
+[devices.v3]
+class = "venet"
 [buses.lab]
 members = ["uid:self"]
-devices = ["v0", "v1"]
+devices = ["v0", "v1", "v3"]
 [buses.closed]
 members = []
 devices = ["v2"]
@@ -242,3 +248,87 @@ def test_sigkill_of_qemu_gives_everything_back(
         assert wait_for(lambda: daemon.fd_count() == fds and daemon.memfd_mappings() == maps), (
             daemon.fd_count(), fds, daemon.memfd_mappings(), maps,
         )  # fmt: skip
+
+
+PING_SCRIPT = f"""
+ip link set eth0 up && ip addr add {SUBNET}.2/24 dev eth0 || exit 3
+ping -c 3 -W 5 {SUBNET}.1 > /dev/null
+echo VBUS-PINGING
+ping -c 100 -i 0.1 -W 2 {SUBNET}.1 | tail -2
+echo VBUS-PINGED
+"""
+
+
+def _hostile_round(path: str) -> None:
+    """One round of what a hostile VMM on the same bus does: garbage, a
+    descriptor loop on a running device, a kick storm.  Each must cost that
+    connection only."""
+    with Frontend(path) as bad:
+        bad.send_raw(b"\xff" * 64)
+        assert bad.closed_by_peer(timeout=10)
+    with Frontend(path) as bad:
+        bad.send_raw(wire.HEADER.pack(Request.SET_FEATURES, 1, 100000))
+        assert bad.closed_by_peer(timeout=10)
+    with Frontend(path) as bad:
+        bad.start(protocol=P.MQ | P.REPLY_ACK | P.STATUS)
+        drv = bad.drivers[1]
+        data = bad.ram.alloc(64)
+        head, second = drv.free.pop(0), drv.free.pop(0)
+        drv.write_desc(head, data, 64, NEXT, second)
+        drv.write_desc(second, data, 64, NEXT, head)
+        drv.make_available(head)
+        bad.kick(1)
+        assert wait_for(lambda: bad.error_signalled(1), timeout=10)
+    with Frontend(path) as bad:
+        bad.start()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                os.eventfd_write(bad.kicks[0], 1)
+                os.eventfd_write(bad.kicks[1], 1)
+
+
+def test_hostile_vmms_on_the_bus_cost_a_pinging_guest_nothing(
+    guest: guestlib.Guest,
+    tmp_path: Path,
+    vbusd: Callable[..., Daemon],
+    netns: Callable[[], str],  # noqa: F811
+    taps: list[TapProc],  # noqa: F811
+    qemus: list[Qemu],
+) -> None:
+    daemon = daemon_for(vbusd, tmp_path)
+    ns = netns()
+    start_tap(taps, daemon, "v1", "vq1", ns)
+    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
+    sock = str(socket_path(daemon.run_dir, "lab", "v0"))
+    q = Qemu(guestlib.qemu_command(guest, sock, PING_SCRIPT, GUEST_MAC))
+    qemus.append(q)
+    q.wait_for("VBUS-PINGING", timeout=180)
+    hostile = str(socket_path(daemon.run_dir, "lab", "v3"))
+    rounds = 0
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def attack() -> None:
+        nonlocal rounds
+        try:
+            while not done.is_set():
+                _hostile_round(hostile)
+                rounds += 1
+        except BaseException as exc:  # reported by the test thread
+            failures.append(exc)
+
+    attacker = threading.Thread(target=attack, daemon=True)
+    attacker.start()
+    try:
+        summary = q.wait_for("packet loss", timeout=120)
+    finally:
+        done.set()
+        attacker.join(timeout=60)
+    assert not failures, failures
+    assert rounds >= 1
+    assert " 0% packet loss" in summary, "".join(q.output)
+    q.wait_for("VBUS-EXIT 0", timeout=60)
+    log = daemon.log()
+    assert "descriptor loop" in log and "protocol violation" in log
+    assert log.count('"vhost_user.device_started"') >= 1 + rounds  # the guest's and each bad one's
