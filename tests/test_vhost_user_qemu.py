@@ -332,3 +332,46 @@ def test_hostile_vmms_on_the_bus_cost_a_pinging_guest_nothing(
     log = daemon.log()
     assert "descriptor loop" in log and "protocol violation" in log
     assert log.count('"vhost_user.device_started"') >= 1 + rounds  # the guest's and each bad one's
+
+
+RECONNECT_SCRIPT = f"""
+ip link set eth0 up && ip addr add {SUBNET}.2/24 dev eth0 || exit 3
+ping -c 3 -W 5 {SUBNET}.1 > /dev/null || exit 4
+echo VBUS-UP
+sleep 6
+i=0
+until ping -c 1 -W 1 {SUBNET}.1 > /dev/null; do i=$((i + 1)); [ $i -lt 90 ] || exit 5; done
+echo VBUS-BACK
+ping -c 20 -i 0.1 -W 2 {SUBNET}.1 | tail -2
+"""
+
+
+def test_qemu_reconnects_to_a_relinked_device(
+    guest: guestlib.Guest,
+    tmp_path: Path,
+    vbusd: Callable[..., Daemon],
+    netns: Callable[[], str],  # noqa: F811
+    taps: list[TapProc],  # noqa: F811
+    qemus: list[Qemu],
+) -> None:
+    path = tmp_path / "topology.toml"
+    path.write_text(textwrap.dedent(TOPOLOGY))
+    daemon = vbusd("--config", str(path))
+    require(daemon.admin_mounted, "the admin tree (FUSE) is not mounted")
+    ns = netns()
+    start_tap(taps, daemon, "v1", "vq1", ns)
+    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
+    sock = str(socket_path(daemon.run_dir, "lab", "v0"))
+    q = Qemu(guestlib.qemu_command(guest, sock, RECONNECT_SCRIPT, GUEST_MAC, reconnect=1))
+    qemus.append(q)
+    q.wait_for("VBUS-UP", timeout=180)
+    link = daemon.admin / "buses" / "lab" / "v0"
+    os.unlink(link)  # the VMM is disconnected, its socket goes
+    assert wait_for(lambda: '"vhost_user.disconnected"' in daemon.log())
+    assert not os.path.exists(sock)
+    os.symlink("../../devices/v0", link)  # and comes back: QEMU connects again
+    assert wait_for(lambda: daemon.log().count('"vhost_user.device_started"') >= 2, timeout=60)
+    q.wait_for("VBUS-BACK", timeout=120)
+    summary = q.wait_for("packet loss", timeout=60)
+    assert " 0% packet loss" in summary, "".join(q.output)
+    q.wait_for("VBUS-EXIT 0", timeout=60)

@@ -138,14 +138,17 @@ def qemu_command(
     mem: str = "256M",
     netdev: str | None = None,
     device: str = "",
+    reconnect: int = 0,
 ) -> list[str]:
     """QEMU under TCG with a virtio-net-pci device on a vhost-user ``socket``
-    (or on ``netdev``, e.g. ``tap,id=n0,...``); ``device`` adds properties."""
+    (or on ``netdev``, e.g. ``tap,id=n0,...``); ``device`` adds properties;
+    ``reconnect`` (seconds) has QEMU connect again when the socket goes."""
     encoded = base64.b64encode(script.encode()).decode()
     accel = "tcg"
     if netdev is None:
         netdev = "vhost-user,id=n0,chardev=c0"
-    chardev = ["-chardev", f"socket,id=c0,path={socket}"] if socket is not None else []
+    again = f",reconnect={reconnect}" if reconnect else ""
+    chardev = ["-chardev", f"socket,id=c0,path={socket}{again}"] if socket is not None else []
     return [
         "qemu-system-x86_64",
         "-accel", accel,
