@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from vbus.net import vnet
 from vbus.xen.abi import XenbusState as S
 from vbus.xen.vif import FRONTEND_KEYS, Map, Read, Unmap, VifBackend, VifRings, Write
 
@@ -125,3 +126,27 @@ def test_keys_nobody_asked_for_are_ignored() -> None:
     vif.start()
     assert vif.frontend_keys(GOOD) == []
     assert vif.state == S.INIT_WAIT
+
+
+NETFRONT = {**GOOD, "feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1"}
+CSUM, TSO4, TSO6 = vnet.F_GUEST_CSUM, vnet.F_GUEST_TSO4, vnet.F_GUEST_TSO6
+
+
+@pytest.mark.parametrize(
+    "keys, caps",
+    [
+        (NETFRONT, CSUM | TSO4 | TSO6),  # what Linux's netfront writes
+        (GOOD, CSUM),  # absent features are 0
+        ({**NETFRONT, "feature-sg": "0"}, CSUM),  # a super-frame needs scatter-gather
+        ({**NETFRONT, "feature-gso-tcpv6": None}, CSUM | TSO4),
+        ({**NETFRONT, "feature-no-csum-offload": "1"}, 0),
+    ],
+)
+def test_what_the_frontend_takes_becomes_rx_caps(keys: dict[str, str | None], caps: int) -> None:
+    vif = VifBackend()
+    vif.start()
+    vif.frontend_state(S.CONNECTED)
+    (action,) = vif.frontend_keys(keys)
+    assert isinstance(action, Map) and action.rings.rx_caps == caps
+    vif.mapped()
+    assert vif.rings is not None and vif.rings.rx_caps == caps

@@ -6,7 +6,13 @@ directory) and the frontend's it reads::
 
     backend   feature-rx-copy 1, feature-sg 1, feature-gso-tcpv4 1, state, error
     frontend  tx-ring-ref, rx-ring-ref, event-channel (u32 each), request-rx-copy (must be 1),
-              state
+              state; what it takes on rx: feature-sg, feature-gso-tcpv4, feature-gso-tcpv6,
+              feature-no-csum-offload (absent is 0)
+
+What the frontend takes becomes venet's receive capabilities (``rx_caps``,
+virtio-net feature bits for ``vnet.adapt_for``): a partial checksum unless
+it opts out, a TCP super-frame only with scatter-gather (a super-frame
+spans pages) and a partial checksum.
 
 Theory of operation: the backend offers its features and waits
 (InitWait).  The frontend writes its keys and goes to Initialised or, as
@@ -32,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from vbus.net import vnet
 from vbus.xen.abi import XenbusState
 
 __all__ = [
@@ -47,7 +54,16 @@ __all__ = [
 ]
 
 FEATURES: Final = (("feature-rx-copy", "1"), ("feature-sg", "1"), ("feature-gso-tcpv4", "1"))
-FRONTEND_KEYS: Final = ("tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy")
+FRONTEND_KEYS: Final = (
+    "tx-ring-ref",
+    "rx-ring-ref",
+    "event-channel",
+    "request-rx-copy",
+    "feature-sg",
+    "feature-gso-tcpv4",
+    "feature-gso-tcpv6",
+    "feature-no-csum-offload",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +86,7 @@ class VifRings:
     tx_ring_ref: int
     rx_ring_ref: int
     event_channel: int
+    rx_caps: int = vnet.F_GUEST_CSUM
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +115,20 @@ def _u32(values: Mapping[str, str | None], key: str) -> int:
     if not 0 <= value <= 0xFFFFFFFF or raw.strip() != raw:
         raise ValueError(f"the frontend's {key} is out of range: {raw!r}")
     return value
+
+
+def _rx_caps(values: Mapping[str, str | None]) -> int:
+    def on(key: str) -> bool:
+        return values.get(key) == "1"
+
+    if on("feature-no-csum-offload"):
+        return 0
+    caps = vnet.F_GUEST_CSUM
+    if on("feature-sg") and on("feature-gso-tcpv4"):
+        caps |= vnet.F_GUEST_TSO4
+    if on("feature-sg") and on("feature-gso-tcpv6"):
+        caps |= vnet.F_GUEST_TSO6
+    return caps
 
 
 class VifBackend:
@@ -155,6 +186,7 @@ class VifBackend:
                 _u32(values, "tx-ring-ref"),
                 _u32(values, "rx-ring-ref"),
                 _u32(values, "event-channel"),
+                _rx_caps(values),
             )
             if values.get("request-rx-copy") != "1":
                 raise ValueError("the frontend does not request rx-copy")
