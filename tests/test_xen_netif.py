@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.netframes import MAC_A, MAC_B, eth, ipv4_tcp, ipv6_tcp
+from tests.netframes import MAC_A, MAC_B, eth, gso_frame, ipv4_tcp, ipv6_tcp
 from vbus.errors import Fault
 from vbus.net import vnet
 from vbus.soak.fuzz import TARGETS
@@ -284,6 +284,30 @@ def test_rx_translation_and_placement() -> None:
     assert netif.venet_to_rx(vnet.header(0, vnet.GSO_TCPV4, 54, 1448) + frame) is None
     assert netif.venet_to_rx(vnet.header(1, 3, 54, 1448) + frame) is None
     assert netif.venet_to_rx(bytes(20)) is None
+
+
+@given(
+    payload=st.binary(min_size=1, max_size=6000),
+    mss=st.integers(536, 1460),
+    v6=st.booleans(),
+    super_frame=st.booleans(),
+)
+def test_venet_to_netif_and_back_keeps_the_header(
+    payload: bytes, mss: int, v6: bool, super_frame: bool
+) -> None:
+    # A frame as venet delivers it to the vif, then as netfront would send it
+    # back with the flags and extra it was given: the same virtio_net_hdr_v1.
+    original = gso_frame(payload, mss, v6=v6)
+    if not super_frame:
+        original = original[:1] + bytes(5) + original[6:]  # NEEDS_CSUM only
+    meta = netif.venet_to_rx(original)
+    assert meta is not None
+    assert meta.flags & NETRXF_CSUM_BLANK
+    flags = NETTXF_CSUM_BLANK | (NETTXF_EXTRA_INFO if meta.gso else 0)
+    extras = (meta.gso,) if meta.gso is not None else ()
+    assert (meta.gso is not None) == super_frame
+    back = netif.tx_to_venet(_packet(flags, len(meta.frame), *extras), meta.frame)
+    assert back == original
 
 
 @given(
