@@ -35,7 +35,7 @@ fuzzer, and raises AssertionError (or anything unexpected) on a finding:
   page never grows, and the host never writes a word the guest owns.
 - ``netif``: a netfront tx ring of near-valid and raw slots, its indexes
   patched between ``TxBackRing`` operations: only Fault escapes, every packet
-  taken has at most 18 slots whose fragments stay in their pages and add up
+  taken has at most 18 data slots after its first, whose fragments stay in their pages and add up
   to its size, and what ``tx_to_venet`` makes of it is a frame venet's
   ``check_tx`` accepts; a venet frame from the input through
   ``venet_to_rx`` and ``RxBackRing.place``, whose copies cover the frame.
@@ -577,7 +577,7 @@ def netif_target(data: bytes) -> None:
 
 def _netif_packet(packet: netif.TxPacket) -> None:
     frags = packet.fragments
-    assert 1 <= len(frags) <= netif.LEGACY_SLOTS_MAX
+    assert 1 <= len(frags) <= 1 + netif.LEGACY_SLOTS_MAX
     assert all(n >= 0 and o + n <= netif.PAGE_SIZE for _, o, n in frags)
     assert sum(n for _, _, n in frags) == packet.size
     body = _NETIF_TEMPLATE[packet.requests[0].gref % len(_NETIF_TEMPLATE)].ljust(

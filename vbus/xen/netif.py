@@ -23,7 +23,12 @@ fragment while NETTXF_more_data is set; the first fragment's own length is
 what the later ones leave of the total.  The frontend publishes whole
 packets, so a packet cut short by ``req_prod`` is the frontend's fault, as
 in Linux's netback; so are the other breaches ``TxBackRing.next_packet``
-checks, each a ``Fault`` with its reason.  A frame it can take but the
+checks, each a ``Fault`` with its reason.  Two of them netback only drops
+the packet for (more than 18 slots after the first, below its fatal 20; a
+fragment larger than what the earlier ones leave of the total, which buggy
+frontends of 64 KiB frames produce); Linux's netfront does neither, so
+here both are faults too: the rings of a frontend that lies about sizes are
+not worth reading on.  A frame it can take but the
 switch cannot (too short, a checksum offload on a header it cannot read)
 is not a fault: ``tx_to_venet`` returns None and the packet is answered
 NETIF_RSP_ERROR.
@@ -128,7 +133,9 @@ RSP_OKAY: Final = 0
 RSP_NULL: Final = 1  # the response in an extra info's slot
 
 MAX_TX_SIZE: Final = 0xFFFF
-# XEN_NETBK_LEGACY_SLOTS_MAX: what every backend must take (XEN_NETIF_NR_SLOTS_MIN).
+# XEN_NETBK_LEGACY_SLOTS_MAX (XEN_NETIF_NR_SLOTS_MIN, what every backend must
+# take): the data slots after the first, as netback counts them; netfront sends
+# at most 18 data slots in all.
 LEGACY_SLOTS_MAX: Final = 18
 
 _IDX: Final = struct.Struct("<I")
@@ -312,8 +319,8 @@ class TxBackRing(BackRing):
         remaining = first.size
         flags = first.flags
         while flags & NETTXF_MORE_DATA:
-            if len(requests) >= LEGACY_SLOTS_MAX:
-                raise Fault(f"a packet of more than {LEGACY_SLOTS_MAX} slots")
+            if len(requests) > LEGACY_SLOTS_MAX:
+                raise Fault(f"a packet of more than {LEGACY_SLOTS_MAX} slots after its first")
             if used >= work:
                 raise Fault("a packet continues past req_prod")
             req = self._request(idx + used)
