@@ -111,7 +111,15 @@ def test_targets_reach_past_the_handshake() -> None:
     assert frames == [(hello, 0)]
     session = protocol.ServerSession()
     assert isinstance(session.receive(*frames[0])[1], protocol.Hello)
-    assert set(TARGETS) == {"wire", "session", "ring", "xenstore", "vhost_wire", "kvm"}
+    assert set(TARGETS) == {
+        "wire",
+        "session",
+        "ring",
+        "xenstore",
+        "vhost_wire",
+        "kvm",
+        "netif",
+    }
 
 
 # Inputs a fuzzer once produced, kept as regression cases (none has failed so far;
@@ -125,6 +133,9 @@ REGRESSIONS: list[tuple[str, bytes]] = [
     ("kvm", b""),
     ("kvm", bytes(range(256))),
     ("kvm", b"\x03" + b"\xff" * 64),
+    ("netif", b""),
+    ("netif", bytes(range(256))),
+    ("netif", b"\x02" + b"\xff" * 64),
 ]
 
 
