@@ -229,13 +229,24 @@ def test_an_unadmitted_qemu_is_refused(
 
 
 def test_sigkill_of_qemu_gives_everything_back(
-    guest: guestlib.Guest, tmp_path: Path, vbusd: Callable[..., Daemon], qemus: list[Qemu]
+    guest: guestlib.Guest,
+    tmp_path: Path,
+    vbusd: Callable[..., Daemon],
+    netns: Callable[[], str],  # noqa: F811
+    taps: list[TapProc],  # noqa: F811
+    qemus: list[Qemu],
 ) -> None:
     daemon = daemon_for(vbusd, tmp_path)
+    ns = netns()
+    start_tap(taps, daemon, "v1", "vq1", ns)
+    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
     fds, maps = daemon.fd_count(), daemon.memfd_mappings()
     sock = str(socket_path(daemon.run_dir, "lab", "v0"))
+    # killed mid-transfer: the guest floods the namespace with pings
     script = (
-        f"ip link set eth0 up && ip addr add {SUBNET}.2/24 dev eth0 && echo VBUS-UP && sleep 120"
+        f"ip link set eth0 up && ip addr add {SUBNET}.2/24 dev eth0 &&"
+        f" ping -c 3 -W 5 {SUBNET}.1 > /dev/null && echo VBUS-UP &&"
+        f" ping -q -i 0.002 -s 1400 -c 1000000 {SUBNET}.1"
     )
     for _ in range(2):  # and QEMU can come back
         q = Qemu(guestlib.qemu_command(guest, sock, script, GUEST_MAC))
@@ -243,11 +254,13 @@ def test_sigkill_of_qemu_gives_everything_back(
         q.wait_for("VBUS-UP", timeout=180)
         assert wait_for(lambda: daemon.memfd_mappings() > maps)
         assert wait_for(lambda: daemon.log().count('"vhost_user.device_started"') >= 1)
+        time.sleep(1.0)  # traffic in flight
         q.proc.send_signal(signal.SIGKILL)
         q.proc.wait()
         assert wait_for(lambda: daemon.fd_count() == fds and daemon.memfd_mappings() == maps), (
             daemon.fd_count(), fds, daemon.memfd_mappings(), maps,
         )  # fmt: skip
+    assert '"connection.faulted"' not in daemon.log()
 
 
 PING_SCRIPT = f"""
