@@ -121,7 +121,7 @@ class VhostUserSubject(Subject):
         vbus = medians.get("vbus", {}).get("gbit_per_s")
         tap = medians.get("qemu-tap", {}).get("gbit_per_s")
         ratio = vbus / tap if vbus is not None and tap else None
-        return [Target("vhost_user: vbus >= 0.5x QEMU's own tap", ratio, 0.5, ">=")]
+        return [Target("vhost_user: vbus >= 1.0x QEMU's own tap", ratio, 1.0, ">=")]
 
 
 def _script(megabytes: int) -> str:
