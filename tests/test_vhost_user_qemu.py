@@ -118,6 +118,14 @@ def daemon_for(vbusd: Callable[..., Daemon], tmp_path: Path) -> Daemon:
     return vbusd("--config", str(path), "--no-admin")
 
 
+def namespace_behind_v1(daemon: Daemon, new_netns: Callable[[], str], procs: list[TapProc]) -> str:
+    """A network namespace with ``vbus tap`` on v1 (the guest's switch) at SUBNET.1."""
+    ns = new_netns()
+    start_tap(procs, daemon, "v1", "vq1", ns)
+    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
+    return ns
+
+
 def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,9 +177,7 @@ def test_a_linux_guest_pings_and_transfers_through_vbus(
     qemus: list[Qemu],
 ) -> None:
     daemon = daemon_for(vbusd, tmp_path)
-    ns = netns()
-    start_tap(taps, daemon, "v1", "vq1", ns)
-    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
+    ns = namespace_behind_v1(daemon, netns, taps)
     receiver = subprocess.Popen(
         ["ip", "netns", "exec", ns, "python3", "-c", RECEIVER], stdout=subprocess.PIPE, text=True
     )
@@ -237,9 +243,7 @@ def test_sigkill_of_qemu_gives_everything_back(
     qemus: list[Qemu],
 ) -> None:
     daemon = daemon_for(vbusd, tmp_path)
-    ns = netns()
-    start_tap(taps, daemon, "v1", "vq1", ns)
-    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
+    namespace_behind_v1(daemon, netns, taps)
     fds, maps = daemon.fd_count(), daemon.memfd_mappings()
     sock = str(socket_path(daemon.run_dir, "lab", "v0"))
     # killed mid-transfer: the guest floods the namespace with pings
@@ -310,9 +314,7 @@ def test_hostile_vmms_on_the_bus_cost_a_pinging_guest_nothing(
     qemus: list[Qemu],
 ) -> None:
     daemon = daemon_for(vbusd, tmp_path)
-    ns = netns()
-    start_tap(taps, daemon, "v1", "vq1", ns)
-    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
+    namespace_behind_v1(daemon, netns, taps)
     sock = str(socket_path(daemon.run_dir, "lab", "v0"))
     q = Qemu(guestlib.qemu_command(guest, sock, PING_SCRIPT, GUEST_MAC))
     qemus.append(q)
@@ -371,9 +373,7 @@ def test_qemu_reconnects_to_a_relinked_device(
     path.write_text(textwrap.dedent(TOPOLOGY))
     daemon = vbusd("--config", str(path))
     require(daemon.admin_mounted, "the admin tree (FUSE) is not mounted")
-    ns = netns()
-    start_tap(taps, daemon, "v1", "vq1", ns)
-    run("ip", "-n", ns, "addr", "add", f"{SUBNET}.1/24", "dev", "vq1")
+    namespace_behind_v1(daemon, netns, taps)
     sock = str(socket_path(daemon.run_dir, "lab", "v0"))
     q = Qemu(guestlib.qemu_command(guest, sock, RECONNECT_SCRIPT, GUEST_MAC, reconnect=1))
     qemus.append(q)
