@@ -349,7 +349,7 @@ def test_stale_socket_of_a_killed_daemon_is_cleaned(vbusd) -> None:
     second.log_path = first.run_dir.parent / "second.log"
     second.start()
     try:
-        assert '"daemon.stale_socket_removed"' in second.log()
+        assert second.logged('"daemon.stale_socket_removed"')
         listing = run([*VBUS, "--socket", str(second.socket), "devices"])
         assert listing.returncode == 0
     finally:
