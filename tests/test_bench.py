@@ -176,3 +176,6 @@ def test_subjects_that_boot_vms_run_only_when_named() -> None:
         "vbus-no-event-idx",
         "qemu-tap",
     }
+    assert "xen_netback" not in {s.name for s in select_subjects(())}
+    (xen,) = select_subjects(("xen_netback",))
+    assert xen.on_request and {v.name for v in xen.variants} == {"vbusd", "kernel"}

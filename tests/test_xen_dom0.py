@@ -42,6 +42,16 @@ int main(void) {
     printf("unmap_size %zu\n", sizeof(struct ioctl_gntdev_unmap_grant_ref));
     printf("unmap_count %zu\n", offsetof(struct ioctl_gntdev_unmap_grant_ref, count));
     printf("bind_size %zu\n", sizeof(struct ioctl_evtchn_bind_interdomain));
+    printf("IOCTL_GNTDEV_GRANT_COPY %lu\n", (unsigned long)IOCTL_GNTDEV_GRANT_COPY);
+    printf("copy_size %zu\n", sizeof(struct ioctl_gntdev_grant_copy));
+    printf("copy_segments %zu\n", offsetof(struct ioctl_gntdev_grant_copy, segments));
+    printf("seg_size %zu\n", sizeof(struct gntdev_grant_copy_segment));
+    printf("seg_dest %zu\n", offsetof(struct gntdev_grant_copy_segment, dest));
+    printf("seg_len %zu\n", offsetof(struct gntdev_grant_copy_segment, len));
+    printf("seg_flags %zu\n", offsetof(struct gntdev_grant_copy_segment, flags));
+    printf("seg_status %zu\n", offsetof(struct gntdev_grant_copy_segment, status));
+    printf("foreign_offset %zu\n", offsetof(struct gntdev_grant_copy_segment, source.foreign.offset));
+    printf("foreign_domid %zu\n", offsetof(struct gntdev_grant_copy_segment, source.foreign.domid));
     return 0;
 }
 """
@@ -68,6 +78,14 @@ def test_ioctls_and_layouts_match_linux_headers(tmp_path: Path) -> None:
     assert dom0._UNMAP.size == c["unmap_size"]
     assert struct.calcsize("=Q") == c["unmap_count"]
     assert dom0._BIND_INTERDOMAIN.size == c["bind_size"]
+    # the grant copy: its argument and its segments
+    assert c["IOCTL_GNTDEV_GRANT_COPY"] == dom0.IOCTL_GNTDEV_GRANT_COPY
+    assert (dom0._COPY.size, 8) == (c["copy_size"], c["copy_segments"])
+    for layout in (dom0._COPY_FROM_GRANT, dom0._COPY_TO_GRANT):
+        assert layout.size == c["seg_size"]
+    assert (c["seg_dest"], c["seg_len"], c["seg_flags"]) == (8, 16, 18)
+    assert c["seg_status"] == dom0._COPY_STATUS_AT
+    assert (c["foreign_offset"], c["foreign_domid"]) == (4, 6)  # after the u32 ref
 
 
 @pytest.mark.parametrize(
@@ -120,6 +138,15 @@ def test_refusals_come_before_any_ioctl(tmp_path: Path) -> None:
             gnt.map(0x7FF0, [8])  # DOMID_FIRST_RESERVED and above are not domains
         with pytest.raises(Invalid):
             gnt.map(1, [1 << 32])
+        copier = dom0.GrantCopier(gnt, 1, 8192)
+        with pytest.raises(Invalid):
+            copier.from_grant(7, 4000, 200, 0)  # leaves its page
+        with pytest.raises(Invalid):
+            copier.to_grant(7, 0, 8000, 400)  # outside the local buffer
+        with pytest.raises(Invalid):
+            copier.from_grant(1 << 32, 0, 10, 0)
+        assert copier.run() == []  # nothing was queued: no ioctl either
+        copier.close()
     with dom0.EventChannels(fifo) as chans:
         with pytest.raises(Invalid):
             chans.bind_interdomain(-1, 3)

@@ -150,3 +150,14 @@ def test_what_the_frontend_takes_becomes_rx_caps(keys: dict[str, str | None], ca
     assert isinstance(action, Map) and action.rings.rx_caps == caps
     vif.mapped()
     assert vif.rings is not None and vif.rings.rx_caps == caps
+
+
+def test_the_toolstack_closing_is_answered_with_unmap_and_closed() -> None:
+    vif = connected()
+    # xl destroy / network-detach: libxl writes Closing and waits for Closed
+    assert vif.toolstack_closing() == [Unmap(), Write("state", "6")]
+    assert vif.state == S.CLOSED and vif.rings is None
+    assert vif.toolstack_closing() == []  # once
+    waiting = VifBackend()
+    waiting.start()  # never connected: nothing to unmap, Closed all the same
+    assert waiting.toolstack_closing() == [Write("state", "6")]

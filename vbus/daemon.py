@@ -35,6 +35,7 @@ from vbus.connectors.kvm import KvmConnector
 from vbus.connectors.userspace import UserspaceConnector
 from vbus.connectors.vhost_user import VhostUserConnector
 from vbus.connectors.xen import XenConnector
+from vbus.connectors.xen_dom0 import XenDom0Connector, xenstored_socket
 from vbus.core.config import apply_config, check_config, default_config_text, load_config_text
 from vbus.core.model import Topology
 from vbus.core.registry import Registry
@@ -45,6 +46,7 @@ from vbus.log import flush as flush_log
 from vbus.loopmon import LoopMonitor
 from vbus.paths import default_run_dir, prepare_run_dir
 from vbus.procfs import ProcTasks
+from vbus.xen import dom0
 from vbus.xen.xenstore import XenstoreServer
 
 __all__ = ["main"]
@@ -81,6 +83,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
             return text
         return super()._get_help_string(action)
+
+
+def _xen_interface(choice: str) -> str:
+    """``dom0`` or ``shims``: ``auto`` is dom0 exactly in Xen's control domain."""
+    if choice != "auto":
+        return choice
+    return "dom0" if dom0.detect() else "shims"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="descriptors no client can take: the admin tree, logs, new connections "
         "(default: max(64, RLIMIT_NOFILE / 16))",
+    )
+    parser.add_argument(
+        "--xen",
+        choices=("auto", "dom0", "shims"),
+        default="auto",
+        help="the Xen connector's hypervisor interface: dom0 serves real domUs' vifs "
+        "through the system xenstored, gntdev and evtchn; shims serves domain processes "
+        "on xen.sock with an embedded xenstore; auto picks dom0 when "
+        "/proc/xen/capabilities says control_d (default: auto)",
     )
     parser.add_argument("--version", action="version", version=f"vbusd {__version__}")
     return parser
@@ -348,10 +366,21 @@ async def serve(args: argparse.Namespace) -> int:
         lock.close()
         raise StartupError(str(exc)) from None
     kvm_path = run_dir / "kvm.sock"
+    xen: Connector
+    if _xen_interface(args.xen) == "dom0":
+        try:
+            xenstored = xenstored_socket()
+        except VbusError as exc:
+            lock.close()
+            raise StartupError(f"the Xen connector's dom0 interface: {exc.message}") from None
+        xen = XenDom0Connector(topology, loop, limits, ledger, xenstored)
+    else:
+        xen = XenConnector(topology, run_dir / "xen.sock", loop, xenstore, limits, ledger)
+        log.info("xen.interface", interface="shims", socket=str(run_dir / "xen.sock"))
     connectors: list[Connector] = [
         UserspaceConnector(topology, sock_path, loop, limits, tasks, status, ledger),
         KvmConnector(topology, kvm_path, loop, limits, tasks, ledger),
-        XenConnector(topology, run_dir / "xen.sock", loop, xenstore, limits, ledger),
+        xen,
         VhostUserConnector(topology, run_dir, loop, limits, tasks, ledger),
     ]
     serving = sock_path

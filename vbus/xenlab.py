@@ -28,6 +28,7 @@ shell`` boots the machine and reads scripts from stdin, for poking at it.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -64,7 +65,7 @@ __all__ = [
 log = get_logger("vbus.xenlab")
 
 # Bump when what `Build` makes from the same packages changes: it is part of the key.
-RECIPE = "7"
+RECIPE = "10"
 XEN = "4.17"
 KERNEL_META = "linux-image-amd64"
 PACKAGES = (
@@ -95,7 +96,12 @@ DOM0_MODULES = (
     "virtio_pci",
     "9pnet_virtio",
     "9p",
+    "tun",  # vbus tap
+    "fuse",  # vbusd's admin tree
 )
+# In dom0's /modules but not loaded at boot: Linux's own netback, which would
+# claim every vif vbusd is to serve; the bench loads it for its comparison.
+DOM0_SPARE_MODULES = ("xen-netback",)
 DOMU_MODULES = ("xen-netfront",)
 HOST_TOOLS = ("apt-get", "apt-cache", "dpkg-deb", "qemu-system-x86_64")
 
@@ -106,6 +112,7 @@ DOM0_MEM = "768M"
 QEMU_MEM = "1536"
 
 PR_SET_PDEATHSIG = 1
+DOMU_CMDLINE_MAX = 1000  # of Xen's 1024 for a PV guest's command line
 
 
 class LabError(VbusError):
@@ -220,15 +227,19 @@ class Cpio:
         return gzip.compress(b"".join(self._parts), compresslevel=6)
 
 
-def _module_index(root: Path) -> dict[str, Path]:
-    """Module name (dashes as underscores) -> its .ko under ``lib/modules``."""
-    index: dict[str, Path] = {}
+def _module_index(root: Path) -> dict[str, Path | None]:
+    """Module name (dashes as underscores) -> its .ko under ``lib/modules``, or
+    None for one built into the kernel (``modules.builtin``: nothing to load)."""
+    index: dict[str, Path | None] = {}
+    for builtin in root.glob("lib/modules/*/modules.builtin"):
+        for line in builtin.read_text().split():
+            index[line.rsplit("/", 1)[-1].removesuffix(".ko").replace("-", "_")] = None
     for ko in root.glob("lib/modules/*/kernel/**/*.ko"):
         index[ko.name[:-3].replace("-", "_")] = ko
     return index
 
 
-def _module_order(index: dict[str, Path], wanted: Iterable[str]) -> list[Path]:
+def _module_order(index: dict[str, Path | None], wanted: Iterable[str]) -> list[Path]:
     """``wanted`` and what they depend on (modinfo ``depends=``), dependencies first.
 
     The package carries no modules.dep, so the order comes from the modules.
@@ -241,9 +252,11 @@ def _module_order(index: dict[str, Path], wanted: Iterable[str]) -> list[Path]:
         if key in seen:
             return
         seen.add(key)
-        ko = index.get(key)
-        if ko is None:
+        if key not in index:
             raise NotFound(f"no kernel module {name}")
+        ko = index[key]
+        if ko is None:
+            return  # built in
         match = re.search(rb"(?:^|\0)depends=([^\0]*)\0", ko.read_bytes())
         for dep in match.group(1).decode().split(",") if match else []:
             if dep:
@@ -285,16 +298,28 @@ exec /bin/sh LAB/agent.sh > /dev/console 2>&1
 DOM0_LINKS = {"lib": "usr/lib", "lib64": "usr/lib64"}
 
 DOMU_INIT = r"""#!/bin/busybox sh
-# A domU of the vbus Xen lab: netfront, and its interrupt count, until destroyed.
+# A domU of the vbus Xen lab: netfront, a script from the kernel command line
+# (xenlab=<base64>, see XenLab.domu_extra), and netfront's interrupt count.
 /bin/busybox --install -s /bin
 export PATH=/bin
-mkdir -p /proc /sys /dev
+mkdir -p /proc /sys /dev /tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
 echo "xenlab-domu: up"
 for m in $(cat /modules/order); do insmod /modules/$m || echo "xenlab-domu: insmod $m failed"; done
 echo "xenlab-domu: netfront loaded"
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        xenlab=*) echo "${arg#xenlab=}" | base64 -d > /tmp/run.sh ;;
+    esac
+done
+if [ -s /tmp/run.sh ]; then
+    # line by line as it comes (sed would hold its output until the script ends)
+    (sh /tmp/run.sh 2>&1 | while IFS= read -r line; do echo "xenlab-domu: $line"; done
+     echo "xenlab-domu: script done") &
+fi
 # Report netfront's interrupt count whenever it changes: dom0's test sees on
 # this console that its event channel notifications arrive.
 last=""
@@ -307,8 +332,14 @@ done
 
 
 def _initramfs(
-    busybox: Path, init: str, modules: Sequence[Path], links: dict[str, str] | None = None
+    busybox: Path,
+    init: str,
+    modules: Sequence[Path],
+    links: dict[str, str] | None = None,
+    spare: Sequence[Path] = (),
 ) -> bytes:
+    """busybox, ``init``, ``modules`` (loaded at boot, in ``modules/order``) and
+    ``spare`` modules (in ``/modules``, loaded only when asked for)."""
     archive = Cpio()
     for name in ("bin", "dev", "proc", "sys", "tmp", "run", "etc", "var", "modules"):
         archive.dir(name)
@@ -318,7 +349,7 @@ def _initramfs(
     archive.symlink("bin/sh", "busybox")
     archive.file("init", init.encode(), 0o755)
     archive.file("modules/order", "".join(f"{ko.name}\n" for ko in modules).encode())
-    for ko in modules:
+    for ko in dict.fromkeys([*modules, *spare]):
         archive.file(f"modules/{ko.name}", ko.read_bytes())
     return archive.gzipped()
 
@@ -416,7 +447,13 @@ class Build:
             busybox = root / "bin" / "busybox"
             index = _module_index(root)
             (work / "dom0.cpio.gz").write_bytes(
-                _initramfs(busybox, DOM0_INIT, _module_order(index, DOM0_MODULES), DOM0_LINKS)
+                _initramfs(
+                    busybox,
+                    DOM0_INIT,
+                    _module_order(index, DOM0_MODULES),
+                    DOM0_LINKS,
+                    _module_order(index, DOM0_SPARE_MODULES),
+                )
             )
             (work / "domu.cpio.gz").write_bytes(
                 _initramfs(busybox, DOMU_INIT, _module_order(index, DOMU_MODULES))
@@ -448,7 +485,7 @@ class Build:
 AGENT = r"""# The dom0 agent of the vbus Xen lab: start the Xen daemons, then run what the host drops.
 LAB=@LAB@
 XEN=@XEN@
-export PATH=$XEN/usr/lib/xen-@XENVER@/bin:$XEN/usr/sbin:$XEN/usr/bin:/bin:/usr/bin
+export PATH=$XEN/usr/lib/xen-@XENVER@/bin:$XEN/usr/sbin:$XEN/usr/bin:/bin:/usr/sbin:/usr/bin
 export LD_LIBRARY_PATH=$XEN/usr/lib/x86_64-linux-gnu:$XEN/usr/lib/xen-@XENVER@/lib/x86_64-linux-gnu
 export HOME=/tmp TMPDIR=/tmp
 ln -sfn /run /var/run
@@ -693,6 +730,18 @@ class XenLab:
         # PYTHONPATH: a script's own directory heads sys.path, the checkout must come next
         script = f"cd {self.checkout} && PYTHONPATH={self.checkout} exec {self.interpreter} "
         return self.run(f"{script}{self.lab_path(path)}\n", timeout)
+
+    @staticmethod
+    def domu_extra(script: str = "") -> str:
+        """A domU's kernel command line (xl's ``extra``) that runs ``script``
+        in the lab's domU init once netfront is loaded; its output goes to the
+        domU's console, each line after ``xenlab-domu: ``."""
+        extra = "console=hvc0"
+        if script:
+            extra += " xenlab=" + base64.b64encode(script.encode()).decode()
+        if len(extra) > DOMU_CMDLINE_MAX:
+            raise LabError(f"a domU script of {len(extra)} bytes on its command line is too long")
+        return extra
 
     def lab_path(self, host_path: Path) -> str:
         """Where dom0 sees a file of the lab directory."""

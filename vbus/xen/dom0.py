@@ -7,7 +7,9 @@ channel.  Linux offers both to userspace as character devices:
 - ``/dev/xen/gntdev``: ``IOCTL_GNTDEV_MAP_GRANT_REF`` reserves a range of
   the device's offsets for a list of (domid, ref); ``mmap`` of that range maps
   the granted frames (read-only if the mapping is not writable);
-  ``IOCTL_GNTDEV_UNMAP_GRANT_REF`` releases the range after ``munmap``.
+  ``IOCTL_GNTDEV_UNMAP_GRANT_REF`` releases the range after ``munmap``;
+  ``IOCTL_GNTDEV_GRANT_COPY`` has the hypervisor copy between granted pages
+  and this process's memory (``GrantCopier``), with no mapping at all.
 - ``/dev/xen/evtchn``: ``IOCTL_EVTCHN_BIND_INTERDOMAIN`` returns a local port
   bound to the domU's unbound one, ``IOCTL_EVTCHN_NOTIFY`` signals it,
   ``IOCTL_EVTCHN_UNBIND`` drops it.  Reading the device yields the pending
@@ -27,6 +29,7 @@ module needs nothing but the kernel's devices.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -46,11 +49,13 @@ __all__ = [
     "IOCTL_EVTCHN_BIND_INTERDOMAIN",
     "IOCTL_EVTCHN_NOTIFY",
     "IOCTL_EVTCHN_UNBIND",
+    "IOCTL_GNTDEV_GRANT_COPY",
     "IOCTL_GNTDEV_MAP_GRANT_REF",
     "IOCTL_GNTDEV_UNMAP_GRANT_REF",
     "PAGE_SIZE",
     "EventChannels",
     "Gntdev",
+    "GrantCopier",
     "GrantMap",
     "detect",
 ]
@@ -89,8 +94,21 @@ _BIND_INTERDOMAIN = struct.Struct("=II")
 # struct ioctl_evtchn_unbind / ioctl_evtchn_notify { unsigned int port; }
 _PORT = struct.Struct("=I")
 
+# struct gntdev_grant_copy_segment { union { void *virt; struct { grant_ref_t ref;
+#   __u16 offset; domid_t domid; } foreign; } source, dest; __u16 len, flags; __s16 status; }
+# (24 bytes: the pointer aligns it to 8); a grant side is (ref, offset, domid).
+_COPY_FROM_GRANT = struct.Struct("=IHHQHHh2x")
+_COPY_TO_GRANT = struct.Struct("=QIHHHHh2x")
+_COPY_STATUS = struct.Struct("=h")
+_COPY_STATUS_AT = 20
+# struct ioctl_gntdev_grant_copy { unsigned int count; struct gntdev_grant_copy_segment *segments; }
+_COPY = struct.Struct("=I4xQ")
+GNTCOPY_SOURCE_GREF = 1 << 0
+GNTCOPY_DEST_GREF = 1 << 1
+
 IOCTL_GNTDEV_MAP_GRANT_REF = _ioc("G", 0, _MAP_SIZE)
 IOCTL_GNTDEV_UNMAP_GRANT_REF = _ioc("G", 1, _UNMAP.size)
+IOCTL_GNTDEV_GRANT_COPY = _ioc("G", 8, _COPY.size)
 IOCTL_EVTCHN_BIND_INTERDOMAIN = _ioc("E", 1, _BIND_INTERDOMAIN.size)
 IOCTL_EVTCHN_UNBIND = _ioc("E", 3, _PORT.size)
 IOCTL_EVTCHN_NOTIFY = _ioc("E", 4, _PORT.size)
@@ -252,6 +270,117 @@ class Gntdev:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# Xen's GNTST_* (grant_table.h), for the log: what a failed copy segment says.
+GNTST = {
+    -1: "general error",
+    -2: "unknown domain",
+    -3: "bad grant reference",
+    -4: "bad handle",
+    -5: "bad virtual address",
+    -6: "bad device address",
+    -7: "no device space",
+    -8: "permission denied",
+    -9: "bad page",
+    -10: "copy crosses a page",
+    -11: "address too big",
+    -12: "try again",
+}
+
+
+class GrantCopier:
+    """Copies between one domain's granted pages and a local buffer of this
+    process, in batches of ``IOCTL_GNTDEV_GRANT_COPY`` (the hypervisor does the
+    copy; nothing of the domain is ever mapped here).
+
+    ``buffer`` is the local side (``size`` bytes, its address fixed for the
+    copier's life).  ``from_grant`` and ``to_grant`` queue one segment each,
+    ``run()`` performs the queued batch and returns each segment's status in
+    order (0, or a negative ``GNTST_*``).  A grant side must stay inside its
+    page (``offset + length <= 4096``): the driver refuses the whole batch
+    otherwise, so callers check first (``Invalid`` here).
+    """
+
+    def __init__(self, gntdev: Gntdev, domid: int, size: int, max_segments: int = 512) -> None:
+        _check_domid(domid)
+        self.gntdev = gntdev
+        self.domid = domid
+        self.size = size
+        self.max_segments = max_segments
+        self._buf = bytearray(size)
+        self._segs = bytearray(max_segments * _COPY_FROM_GRANT.size)
+        # Pinned: an exported bytearray cannot move or resize while these live.
+        self._buf_c = (ctypes.c_char * size).from_buffer(self._buf)
+        self._segs_c = (ctypes.c_char * len(self._segs)).from_buffer(self._segs)
+        self._base = ctypes.addressof(self._buf_c)
+        self.array = self._buf  # the local side, for Memory over it
+        self.buffer = memoryview(self._buf)
+        self.count = 0
+        self.copies = 0  # segments copied since creation
+        self.batches = 0  # ioctls
+
+    def _check(self, ref: int, offset: int, length: int, at: int) -> None:
+        if self.count >= self.max_segments:
+            raise Invalid(f"at most {self.max_segments} copy segments per batch")
+        if offset < 0 or length <= 0 or offset + length > PAGE_SIZE:
+            raise Invalid(f"a copy of {length} bytes at offset {offset} leaves its page")
+        if not 0 <= at <= self.size - length:
+            raise Invalid("a copy outside the local buffer")
+        if not 0 <= ref <= 0xFFFFFFFF:
+            raise Invalid(f"grant reference {ref} is out of range")
+
+    def from_grant(self, ref: int, offset: int, length: int, at: int) -> None:
+        """Queue: ``length`` bytes at ``offset`` of grant ``ref`` into ``buffer[at:]``."""
+        self._check(ref, offset, length, at)
+        _COPY_FROM_GRANT.pack_into(
+            self._segs,
+            self.count * _COPY_FROM_GRANT.size,
+            ref,
+            offset,
+            self.domid,
+            self._base + at,
+            length,
+            GNTCOPY_SOURCE_GREF,
+            0,
+        )
+        self.count += 1
+
+    def to_grant(self, ref: int, offset: int, at: int, length: int) -> None:
+        """Queue: ``buffer[at:at + length]`` into grant ``ref`` at ``offset``."""
+        self._check(ref, offset, length, at)
+        _COPY_TO_GRANT.pack_into(
+            self._segs,
+            self.count * _COPY_TO_GRANT.size,
+            self._base + at,
+            ref,
+            offset,
+            self.domid,
+            length,
+            GNTCOPY_DEST_GREF,
+            0,
+        )
+        self.count += 1
+
+    def run(self) -> list[int]:
+        """Copy the queued segments; their statuses, in order."""
+        count, self.count = self.count, 0
+        if not count:
+            return []
+        arg = _COPY.pack(count, ctypes.addressof(self._segs_c))
+        try:
+            fcntl.ioctl(self.gntdev.fileno(), IOCTL_GNTDEV_GRANT_COPY, arg)
+        except OSError as exc:
+            raise _error(exc, f"grant copy of {count} segment(s) of domain {self.domid}") from exc
+        self.batches += 1
+        self.copies += count
+        size = _COPY_FROM_GRANT.size
+        segs = self._segs
+        return [_COPY_STATUS.unpack_from(segs, i * size + _COPY_STATUS_AT)[0] for i in range(count)]
+
+    def close(self) -> None:
+        self.buffer.release()
+        del self._buf_c, self._segs_c
 
 
 class EventChannels:

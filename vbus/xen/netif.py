@@ -146,6 +146,7 @@ _RX_RSP: Final = struct.Struct("<HHHh")
 _EXTRA: Final = struct.Struct("<BBHBBH")
 _REQ_PROD, _REQ_EVENT, _RSP_PROD, _RSP_EVENT = 0, 4, 8, 12
 _M32: Final = 0xFFFFFFFF
+_ARM_TRIES: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +279,22 @@ class BackRing:
         _IDX.pack_into(self.page, _REQ_EVENT, (self.req_cons + 1) & _M32)
         return bool(self.unconsumed())
 
+    def slots_available(self, needed: int) -> bool:
+        """netback's ``xenvif_rx_ring_slots_available``: True if ``needed``
+        requests are unconsumed; else asks for a notification at the
+        frontend's next request (``req_event = req_prod + 1``: some may be
+        there already, only too few, and ``final_check`` would not arm) and
+        looks again while req_prod moved under the store.  A frontend that
+        moves it every time is posting: after a few tries the count stands."""
+        for _ in range(_ARM_TRIES):
+            prod = self._u32(_REQ_PROD)
+            if self.unconsumed() >= needed:
+                return True
+            _IDX.pack_into(self.page, _REQ_EVENT, (prod + 1) & _M32)
+            if self._u32(_REQ_PROD) == prod:
+                return False
+        return self.unconsumed() >= needed
+
 
 class TxBackRing(BackRing):
     """The transmit ring: the frontend's packets in, one response per slot out."""
@@ -358,7 +375,7 @@ class RxMeta:
 
     flags: int
     gso: ExtraInfo | None
-    frame: bytes
+    frame: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,7 +519,7 @@ def tx_to_venet(packet: TxPacket, data: bytes) -> bytes | None:
     )
 
 
-def venet_to_rx(frame: bytes) -> RxMeta | None:
+def venet_to_rx(frame: bytes | memoryview) -> RxMeta | None:
     """A venet frame as the rx ring carries it; None if its header asks for
     what netif cannot say (a GSO type other than TCPv4/v6, a GSO frame
     without NEEDS_CSUM, a frame shorter than its headers).

@@ -214,6 +214,14 @@ class VifBackend:
         self.error = reason
         return [Write("error", reason), *self._close(XenbusState.CLOSING)]
 
+    def toolstack_closing(self) -> list[Action]:
+        """The toolstack set the backend Closing (a destroy, a detach): release
+        everything and say Closed, which is what it waits for."""
+        if self.state == XenbusState.CLOSED:
+            return []
+        self.state = XenbusState.CLOSING  # the toolstack's write, not ours
+        return [*self._close(XenbusState.CLOSING), self._to(XenbusState.CLOSED)]
+
     def _close(self, state: XenbusState) -> list[Action]:
         self._reading = False
         actions: list[Action] = []
