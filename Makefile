@@ -49,11 +49,12 @@ typecheck: $(STAMP)
 
 ## test: everything, on both event loops
 test: system-deps $(STAMP) lint typecheck
-	VBUS_TEST_LOOP=uvloop $(PY) -m pytest -q $(PYTEST_ARGS)
+	VBUS_TEST_LOOP=uvloop $(PY) -m pytest -q -m 'not dom0_vbusd' $(PYTEST_ARGS)
 	VBUS_TEST_LOOP=asyncio $(PY) -m pytest -q -m 'asyncio or integration' $(PYTEST_ARGS)
 
 ## test-xen: vbus's dom0 side on the real Xen hypervisor under QEMU TCG (also part of test, where QEMU is)
-XEN_TESTS := tests/test_xen_real.py tests/test_xen_dom0.py tests/test_xenlab.py
+XEN_TESTS := tests/test_xen_real.py tests/test_xen_dom0.py tests/test_xenlab.py \
+	tests/test_xen_dom0_connector.py tests/test_xen_netback.py
 test-xen: system-deps $(STAMP)
 	$(PY) -m pytest -q $(XEN_TESTS) $(PYTEST_ARGS)
 

@@ -576,6 +576,7 @@ def _gone(lab: XenLab, name: str, domid: int) -> None:
     )
 
 
+@pytest.mark.dom0_vbusd
 @pytest.mark.parametrize("kind", ["pv", "pvh"])
 def test_domu_pings_and_transfers_through_vbusd(lab: XenLab, served: Dom0Vbusd, kind: str) -> None:
     name = f"vbus-{kind}"
@@ -611,6 +612,7 @@ def test_domu_pings_and_transfers_through_vbusd(lab: XenLab, served: Dom0Vbusd, 
     assert not [e for e in served.events("connection.faulted") if e.get("domid") == domid]
 
 
+@pytest.mark.dom0_vbusd
 def test_a_domid_no_rule_admits_gets_no_backend(lab: XenLab, served: Dom0Vbusd) -> None:
     name = "vbus-stranger"
     domid = _domu(lab, name, "pv", DOMU_PINGER.format(addr="10.9.0.13", ns=NS_ADDR, count=5))
@@ -629,6 +631,7 @@ def test_a_domid_no_rule_admits_gets_no_backend(lab: XenLab, served: Dom0Vbusd) 
         _gone(lab, name, domid)
 
 
+@pytest.mark.dom0_vbusd
 def test_destroy_mid_transfer_releases_everything_and_spares_the_other(
     lab: XenLab, served: Dom0Vbusd
 ) -> None:
@@ -715,6 +718,7 @@ with dom0.Gntdev() as gnt, gnt.map(domid, [ref]) as ring:
 """
 
 
+@pytest.mark.dom0_vbusd
 @pytest.mark.parametrize("breach", ["index", "grant"])
 def test_a_domu_that_breaks_its_rx_ring_is_disconnected_alone(
     lab: XenLab, served: Dom0Vbusd, breach: str
