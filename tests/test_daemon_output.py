@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -202,3 +203,29 @@ def test_sink_never_blocks_on_a_full_pipe() -> None:
     sink.close()
     os.close(read_end)
     os.close(write_end)
+
+
+def test_a_crash_in_native_code_leaves_every_threads_python_stack(
+    tmp_path: Path, procs: list
+) -> None:
+    """A fatal signal (what a crash in a C extension raises) kills vbusd, but
+    its stderr says first where each thread was, in Python."""
+
+    def no_core() -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    daemon = subprocess.Popen(
+        vbusd_cmd(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=clean_env(),
+        preexec_fn=no_core,
+    )
+    procs.append(daemon)
+    assert daemon.stdout is not None
+    read_until_ready(daemon.stdout.fileno())
+    assert stops(daemon, signal.SIGSEGV) == -signal.SIGSEGV
+    rest = daemon.stdout.read().decode(errors="replace")
+    assert "Fatal Python error: Segmentation fault" in rest
+    assert "most recent call first" in rest
+    assert "vbus/daemon.py" in rest  # the main thread's stack, down to main()

@@ -43,15 +43,8 @@ pytestmark = pytest.mark.timeout(LAB_TIMEOUT)
 # functions, chosen by CPUID), so the domU is not offered AVX.
 PVH_UNDER_TCG = ['tsc_mode = "native"', 'cpuid = "host,avx=0,avx2=0"']
 
-VIF_SCRIPT = """\
-#!/bin/sh
-# libxl's hotplug script for the lab's vif: no bridge, no kernel netback; the
-# backend is in userspace, so the device is "connected" as soon as it exists.
-case "$1" in
-    online|add) xenstore-write "$XENBUS_PATH/hotplug-status" connected ;;
-esac
-exit 0
-"""
+# libxl's hotplug script for a vif served from userspace (no kernel netback)
+VIF_SCRIPT = ROOT / "contrib" / "xen" / "vif-vbus"
 
 
 @pytest.fixture(scope="session")
@@ -70,9 +63,6 @@ def lab(request: pytest.FixtureRequest) -> Iterator[XenLab]:
     failed_before = request.session.testsfailed
     try:
         machine.start()
-        script = machine.dir / "vif-userspace"
-        script.write_text(VIF_SCRIPT)
-        script.chmod(0o755)
         yield machine
     finally:
         machine.close()
@@ -97,23 +87,33 @@ def test_dom0_runs_this_checkout_on_real_xen(lab: XenLab) -> None:
     assert report == {"file": str(ROOT / "vbus" / "__init__.py"), "dom0": True}
 
 
-def _config(lab: XenLab, name: str, kind: str) -> str:
+def _domain(lab: XenLab, name: str, kind: str, memory: int, *extra: str) -> str:
+    """An xl config for a domU of Debian's kernel and the lab's initramfs; its lab path."""
     lines = [
         f'name = "{name}"',
         f'type = "{kind}"',
         f'kernel = "{lab.build.kernel}"',
         f'ramdisk = "{lab.build.domu_initrd}"',
-        "memory = 192",
+        f"memory = {memory}",
         "vcpus = 1",
-        'extra = "console=hvc0"',
-        f'vif = ["mac=00:16:3e:00:00:02,backend=0,script={lab.lab_path(lab.dir / "vif-userspace")}"]',
+        *extra,
     ]
     if kind == "pvh":
-        # QEMU's emulated SVM has no next-RIP: Xen cannot emulate the guest's RDTSCP
         lines += PVH_UNDER_TCG
     path = lab.dir / f"{name}.cfg"
     path.write_text("\n".join(lines) + "\n")
     return lab.lab_path(path)
+
+
+def _config(lab: XenLab, name: str, kind: str) -> str:
+    return _domain(
+        lab,
+        name,
+        kind,
+        192,
+        'extra = "console=hvc0"',
+        f'vif = ["mac=00:16:3e:00:00:02,backend=0,script={VIF_SCRIPT}"]',
+    )
 
 
 def _create_as_backend(lab: XenLab, name: str, cfg: str) -> int:
@@ -439,6 +439,8 @@ class Dom0Vbusd:
             textwrap.dedent(
                 f"""\
                 mkdir -p /tmp/vbus
+                ulimit -c unlimited  # a crash leaves its core beside the log
+                echo {lab.lab_path(lab.dir)}/core.%p > /proc/sys/kernel/core_pattern
                 {py} -m vbus.daemon --run-dir /run/vbus --state /tmp/vbus/state.json \\
                     --config {lab.lab_path(lab.dir / "vbusd.toml")} --log-format json \\
                     --log-level debug > {lab.lab_path(self.log)} 2>&1 &
@@ -521,20 +523,8 @@ def served(lab: XenLab) -> Iterator[Dom0Vbusd]:
 
 def _domu(lab: XenLab, name: str, kind: str, script: str) -> int:
     """A paused domU with no vif yet, running ``script`` once booted; its domid."""
-    lines = [
-        f'name = "{name}"',
-        f'type = "{kind}"',
-        f'kernel = "{lab.build.kernel}"',
-        f'ramdisk = "{lab.build.domu_initrd}"',
-        "memory = 160",
-        "vcpus = 1",
-        f'extra = "{lab.domu_extra(script)}"',
-    ]
-    if kind == "pvh":
-        lines += PVH_UNDER_TCG
-    path = lab.dir / f"{name}.cfg"
-    path.write_text("\n".join(lines) + "\n")
-    lab.check(f"xl create -p {lab.lab_path(path)}", timeout=120)
+    cfg = _domain(lab, name, kind, 160, f'extra = "{lab.domu_extra(script)}"')
+    lab.check(f"xl create -p {cfg}", timeout=120)
     return int(lab.check(f"xl domid {name}").strip())
 
 
@@ -543,9 +533,8 @@ def _admit(served: Dom0Vbusd, domid: int) -> None:
 
 
 def _attach(lab: XenLab, name: str, device: str, mac: str) -> Result:
-    script = ROOT / "contrib" / "xen" / "vif-vbus"
     return lab.run(
-        f"xl network-attach {name} backend=0 bridge={device} mac={mac} script={script}",
+        f"xl network-attach {name} backend=0 bridge={device} mac={mac} script={VIF_SCRIPT}",
         timeout=120,
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import math
 import os
@@ -264,6 +265,9 @@ def _count(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A fatal signal (a crash in a C extension) prints every thread's Python
+    # stack to stderr: the one place that still says where it happened.
+    faulthandler.enable()
     configure(args.log_format, args.log_level)
     runner: Any
     if args.loop == "uvloop":

@@ -340,45 +340,42 @@ class XenDom0Connector:
         front = token.endswith("-front")
 
         def changed(_path: str) -> None:
-            self._spawn(self._frontend_state(vif) if front else self._backend_state(vif))
+            self._spawn(self._state_changed(vif, front))
 
         return changed
 
-    async def _frontend_state(self, vif: _Vif) -> None:
+    async def _state_changed(self, vif: _Vif, front: bool) -> None:
+        """The frontend's state, or the backend's as the toolstack writes it."""
         xs = self.xs
         if xs is None:
             return
         async with vif.lock:
             if vif.gone:
                 return
-            raw = await _read(xs, f"{vif.frontend}/state")
-            if raw is None:  # the domain's nodes went: it died
-                state = int(XenbusState.CLOSED) if vif.machine.frontend else None
-                if state is None:
-                    return
-            else:
-                try:
-                    state = int(raw)
-                except ValueError:
-                    await self._perform(vif, vif.machine.fault(f"frontend state {raw!r}"))
-                    return
-            if state == vif.machine.frontend:
+            if front:
+                raw = await _read(xs, f"{vif.frontend}/state")
+                await self._perform(vif, self._frontend_step(vif, raw))
                 return
-            await self._perform(vif, vif.machine.frontend_state(state))
-
-    async def _backend_state(self, vif: _Vif) -> None:
-        """The toolstack closing the vif (``xl destroy``, ``network-detach``)."""
-        xs = self.xs
-        if xs is None:
-            return
-        async with vif.lock:
-            if vif.gone:
-                return
+            # the toolstack closing the vif (``xl destroy``, ``network-detach``)
             raw = await _read(xs, f"{vif.path}/state")
             if raw != str(int(XenbusState.CLOSING)) or vif.machine.state == XenbusState.CLOSING:
                 return
             vif.log.info("xen.vif_closing", reason="the toolstack closes the vif")
             await self._perform(vif, vif.machine.toolstack_closing())
+
+    @staticmethod
+    def _frontend_step(vif: _Vif, raw: str | None) -> Sequence[Action]:
+        machine = vif.machine
+        if raw is None:  # the domain's nodes went: it died
+            if not machine.frontend:
+                return ()
+            state = int(XenbusState.CLOSED)
+        else:
+            try:
+                state = int(raw)
+            except ValueError:
+                return machine.fault(f"frontend state {raw!r}")
+        return () if state == machine.frontend else machine.frontend_state(state)
 
     async def _forget(self, vif: _Vif) -> None:
         async with vif.lock:

@@ -1,7 +1,9 @@
 """A xenstore client over a stream socket, for the event loop (sans-IO ``xswire`` inside).
 
 Requests are matched to replies by ``req_id``; watch events go to the
-callback registered with the watch's token.  The domains of the Xen
+callback registered with the watch's token.  A request is written whole at
+once (what the socket does not take waits, in order, for it to be writable),
+so concurrent requesters never interleave and nobody awaits the write.  The domains of the Xen
 connector use it on the connection the daemon gives them; the dom0 vif
 backend uses it on the system xenstored's socket.  Errors are ``XsError``
 with Xen's errno names; a lost connection fails every waiter with ``Closed``.
@@ -22,6 +24,7 @@ from vbus.xen.xswire import XsError, XsType
 __all__ = ["XsClient"]
 
 _M32 = 0xFFFFFFFF
+MAX_UNSENT = 1 << 20  # requests xenstored has not read yet: past this it is deaf
 
 
 class XsClient:
@@ -35,7 +38,7 @@ class XsClient:
         self.pending: dict[int, asyncio.Future[xswire.Msg]] = {}
         self.watches: dict[bytes, Callable[[str], None]] = {}
         self._req = 0
-        self._sending = asyncio.Lock()
+        self._unsent = bytearray()
         self.error: VbusError | None = None
         loop.add_reader(sock.fileno(), self._readable)
 
@@ -66,11 +69,44 @@ class XsClient:
             if future is not None and not future.done():
                 future.set_result(msg)
 
+    def _send(self, frame: bytes) -> None:
+        if not self._unsent:
+            try:
+                sent = self.sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._lost(Closed(f"xenstore connection: {exc.strerror}"))
+                return
+            if sent == len(frame):
+                return
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+            frame = frame[sent:]
+        self._unsent += frame
+        if len(self._unsent) > MAX_UNSENT:
+            self._lost(Closed("xenstore does not read its requests"))
+
+    def _writable(self) -> None:
+        try:
+            sent = self.sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(Closed(f"xenstore connection: {exc.strerror}"))
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            self.loop.remove_writer(self.sock.fileno())
+
     def _lost(self, exc: VbusError) -> None:
         if self.error is None:
             self.error = exc
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.sock.fileno())
+        if self._unsent:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_writer(self.sock.fileno())
+            self._unsent.clear()
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(exc)
@@ -84,13 +120,7 @@ class XsClient:
         req = self._req
         future: asyncio.Future[xswire.Msg] = self.loop.create_future()
         self.pending[req] = future
-        frame = xswire.encode(mtype, req, tx, payload)
-        async with self._sending:  # whole messages: concurrent senders must not interleave
-            try:
-                await self.loop.sock_sendall(self.sock, frame)
-            except OSError as exc:
-                self.pending.pop(req, None)
-                raise Closed(f"xenstore connection: {exc.strerror}") from None
+        self._send(xswire.encode(mtype, req, tx, payload))
         msg = await future
         if msg.type == XsType.ERROR:
             raise XsError.from_payload(msg.payload)
