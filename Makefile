@@ -49,7 +49,7 @@ typecheck: $(STAMP)
 
 ## test: everything, on both event loops
 test: system-deps $(STAMP) lint typecheck
-	VBUS_TEST_LOOP=uvloop $(PY) -m pytest -q -m 'not dom0_vbusd' $(PYTEST_ARGS)
+	VBUS_TEST_LOOP=uvloop $(PY) -m pytest -q $(PYTEST_ARGS)
 	VBUS_TEST_LOOP=asyncio $(PY) -m pytest -q -m 'asyncio or integration' $(PYTEST_ARGS)
 
 ## test-xen: vbus's dom0 side on the real Xen hypervisor under QEMU TCG (also part of test, where QEMU is)

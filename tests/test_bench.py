@@ -179,3 +179,25 @@ def test_subjects_that_boot_vms_run_only_when_named() -> None:
     assert "xen_netback" not in {s.name for s in select_subjects(())}
     (xen,) = select_subjects(("xen_netback",))
     assert xen.on_request and {v.name for v in xen.variants} == {"vbusd", "kernel"}
+
+
+ON_REQUEST = {"vhost_user", "xen_netback"}
+
+
+def test_list_says_which_subjects_run_only_when_named() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "vbus.cli", "bench", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    blocks: dict[str, str] = {}
+    name = ""
+    for line in out.splitlines():
+        if line and not line[0].isspace():
+            name = line.split()[0]
+        blocks[name] = blocks.get(name, "") + line
+    assert "run only when named" in blocks["xen_netback"]
+    assert "run only when named" in blocks["vhost_user"]
+    assert not any("run only when named" in blocks[n] for n in blocks if n not in ON_REQUEST)

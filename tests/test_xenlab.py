@@ -228,3 +228,15 @@ def test_modules_load_after_what_they_depend_on(tmp_path: Path) -> None:
     assert order == ["9pnet.ko", "fscache.ko", "netfs.ko", "9p.ko"]
     with pytest.raises(NotFound, match="no kernel module virtio"):
         _module_order(index, ["virtio"])
+
+
+def test_the_cpu_hides_what_breaks_dom0_under_tcg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VBUS_XENLAB_CPU", raising=False)
+    argv = _lab(tmp_path)._qemu_argv()
+    flags = argv[argv.index("-cpu") + 1].split(",")
+    assert flags[0] == "max" and {"-smap", "-fsgsbase"} <= set(flags[1:])
+    monkeypatch.setenv("VBUS_XENLAB_CPU", "max,-smap")  # to try another
+    argv = _lab(tmp_path)._qemu_argv()
+    assert argv[argv.index("-cpu") + 1] == "max,-smap"

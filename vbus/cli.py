@@ -169,7 +169,7 @@ def _add_bench(sub: Any) -> None:
     bench.add_argument(
         "--only",
         default="",
-        help="comma-separated subjects (default: all but those run on request: vhost_user)",
+        help="comma-separated subjects (default: all but those --list marks as run only when named)",
     )
     bench.add_argument("--json", type=Path, help="write every figure and the machine to FILE")
     bench.add_argument("--plot", type=Path, help="bar chart of the ratios to FILE.png")
@@ -195,7 +195,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.list:
         for subject in discover():
             variants = ", ".join(v.name for v in subject.variants)
-            print(f"{subject.name:<12} {subject.title}\n{'':<12} variants: {variants}")
+            named = "  (run only when named: it boots machines)" if subject.on_request else ""
+            print(f"{subject.name:<12} {subject.title}\n{'':<12} variants: {variants}{named}")
         return 0
     config = BenchConfig(
         quick=args.quick,
