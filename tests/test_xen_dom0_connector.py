@@ -76,6 +76,10 @@ async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float 
         await asyncio.sleep(0.05)
 
 
+async def exists(xs: XsClient, path: str) -> bool:
+    return await read(xs, path) is not None
+
+
 async def state(xs: XsClient, domid: int, value: str) -> None:
     async def reached() -> bool:
         return await read(xs, f"{be(domid)}/state") == value
@@ -160,6 +164,8 @@ async def test_a_vif_that_cannot_be_served_gets_no_backend(
         assert dom0.logged('"xen.vif_refused"')
         refused = next(ln for ln in dom0.log().splitlines() if '"xen.vif_refused"' in ln)
         assert reason in refused
+        # the log line comes first, then the write
+        await until("the error key", lambda: exists(xs, f"{be(domid)}/error"))
         error = await read(xs, f"{be(domid)}/error")
         assert error is not None and reason in error
         assert await read(xs, f"{be(domid)}/state") == "1"  # no InitWait: libxl gives up
@@ -220,5 +226,8 @@ async def test_a_frontend_that_cannot_be_connected_is_closed_with_the_reason(
         assert dom0.fd_count() == fds  # nothing it opened on the way is left
         await xs.write(f"{fe(6)}/state", "6")  # netfront follows to Closed
         await state(xs, 6, "6")
+        await xs.write(f"{fe(6)}/state", "1")  # its driver bound again: a new start
+        await state(xs, 6, "2")
+        assert await read(xs, f"{be(6)}/error") is None  # the last fault's reason went
     finally:
         xs.close()

@@ -8,7 +8,7 @@ import pytest
 
 from vbus.net import vnet
 from vbus.xen.abi import XenbusState as S
-from vbus.xen.vif import FRONTEND_KEYS, Map, Read, Unmap, VifBackend, VifRings, Write
+from vbus.xen.vif import FRONTEND_KEYS, Map, Read, Remove, Unmap, VifBackend, VifRings, Write
 
 GOOD = {"tx-ring-ref": "8", "rx-ring-ref": "9", "event-channel": "5", "request-rx-copy": "1"}
 
@@ -103,6 +103,17 @@ def test_the_frontend_closes_then_reconnects() -> None:
     assert vif.frontend_state(S.INITIALISING) == [Write("state", "2")]
     assert vif.frontend_state(S.CONNECTED) == [Read(FRONTEND_KEYS)]
     assert vif.frontend_keys({**GOOD, "tx-ring-ref": "10"}) == [Map(VifRings(10, 9, 5))]
+
+
+def test_a_fault_then_a_new_frontend_removes_the_error() -> None:
+    vif = connected()
+    assert vif.fault("a ring index jumped")[0] == Write("error", "a ring index jumped")
+    assert vif.frontend_state(S.CLOSED) == [Write("state", "6")]
+    assert vif.frontend_state(S.INITIALISING) == [Remove("error"), Write("state", "2")]
+    assert vif.error is None
+    assert vif.frontend_state(S.CONNECTED) == [Read(FRONTEND_KEYS)]
+    assert vif.frontend_keys(GOOD) == [Map(VifRings(8, 9, 5))]
+    assert vif.mapped() == [Write("state", "4")]
 
 
 def test_closing_during_the_map_unmaps() -> None:

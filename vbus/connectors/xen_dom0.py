@@ -11,7 +11,9 @@ a vif (``xen-netfront``), as a userspace netback.
 A vif is the toolstack's: ``xl`` (libxl) writes its backend directory
 ``/local/domain/0/backend/vif/<domid>/<handle>`` when a domU with
 ``vif = ["backend=0,..."]`` is created or on ``xl network-attach``.  The
-connector watches that tree and, for each new vif:
+connector watches that tree and, for each new vif whose ``frontend``,
+``frontend-id`` and ``state`` are written (a toolstack writing key by key
+writes ``state`` last):
 
 - admits the domid through the ``domid:N`` member rules (``Domain(domid)``,
   as the shims do); a domid no rule admits gets no backend: nothing is
@@ -57,7 +59,7 @@ from vbus.xen import dom0
 from vbus.xen.abi import XenbusState
 from vbus.xen.netback import TX_BATCH_BYTES, NetifRx, NetifTx, PortKick, rx_slots
 from vbus.xen.netif import MAX_TX_SIZE, RX_RING_SIZE, RxBackRing, TxBackRing
-from vbus.xen.vif import Action, Map, Read, Unmap, VifBackend, VifRings, Write
+from vbus.xen.vif import Action, Map, Read, Remove, Unmap, VifBackend, VifRings, Write
 from vbus.xen.xsclient import XsClient
 from vbus.xen.xswire import XsError
 
@@ -145,6 +147,7 @@ class XenDom0Connector:
         self._task: asyncio.Task[None] | None = None
         self._scan: asyncio.Task[None] | None = None
         self._rescan = False
+        self._changes = 0  # the vif tree's watch events so far
         self._work: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ----------------------------------------------------------------
@@ -207,6 +210,7 @@ class XenDom0Connector:
 
     # --- the toolstack's vif tree ----------------------------------------------------------
     def _changed(self) -> None:
+        self._changes += 1
         if self._scan is not None and not self._scan.done():
             self._rescan = True
             return
@@ -269,14 +273,20 @@ class XenDom0Connector:
         xs = self.xs
         assert xs is not None
         async with vif.lock:
+            changes = self._changes
             frontend = await _read(xs, f"{vif.path}/frontend")
             frontend_id = await _read(xs, f"{vif.path}/frontend-id")
             bridge = await _read(xs, f"{vif.path}/bridge")
-            if frontend is None or frontend_id is None:
-                # not all written yet (libxl writes them in one transaction;
-                # another toolstack may not): the next change looks again
+            state = await _read(xs, f"{vif.path}/state")
+            if frontend is None or frontend_id is None or state is None:
+                # Not all written yet: libxl writes the directory in one
+                # transaction, another toolstack may write key by key, its
+                # state last.  Looked at again with the next change, or now
+                # if one came while these were read.
                 self.vifs.pop((vif.domid, vif.handle), None)
                 vif.gone = True
+                if self._changes != changes:
+                    self._changed()
                 return
             if frontend_id != str(vif.domid):
                 await self._refuse(vif, f"the backend directory names frontend-id {frontend_id}")
@@ -397,6 +407,8 @@ class XenDom0Connector:
                 if action.key == "error":
                     vif.log.warning("xen.vif_disconnected", reason=action.value)
                 await self._write(vif, action.key, action.value)
+            elif isinstance(action, Remove):
+                await self._write(vif, action.key, None)
             elif isinstance(action, Read):
                 values = {key: await _read(xs, f"{vif.frontend}/{key}") for key in action.keys}
                 pending[:0] = vif.machine.frontend_keys(values)
@@ -411,16 +423,19 @@ class XenDom0Connector:
             elif isinstance(action, Unmap):
                 self._release(vif, vif.machine.error or "the vif is closing")
 
-    async def _write(self, vif: _Vif, key: str, value: str) -> None:
-        """Write in the backend directory, unless the toolstack removed it
-        (a write would create it again)."""
+    async def _write(self, vif: _Vif, key: str, value: str | None) -> None:
+        """Write (None: remove) in the backend directory, unless the toolstack
+        removed it (a write would create it again)."""
         xs = self.xs
         if xs is None or vif.gone:
             return
         with contextlib.suppress(XsError):
             if await _read(xs, f"{vif.path}/frontend-id") is None:
                 return
-            await xs.write(f"{vif.path}/{key}", value)
+            if value is None:
+                await xs.rm(f"{vif.path}/{key}")
+            else:
+                await xs.write(f"{vif.path}/{key}", value)
 
     # --- the data path -------------------------------------------------------------------
     def _connect(self, vif: _Vif, rings: VifRings) -> None:

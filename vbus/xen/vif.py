@@ -21,15 +21,17 @@ keys (``Read``), and if they hold asks for the rings and the event channel
 (``Map``), and once those are in place (``mapped``) says Connected.  A
 frontend going to Closing is answered with Closing and ``Unmap``, Closed
 with Closed; a frontend Initialising again after that (a reboot of its
-driver) finds the backend in InitWait once more.  Anything wrong, in the
-keys or later on the rings (``fault``), writes the reason to ``error`` and
-goes to Closing: a frontend that broke the rules gets no second chance on
-the same rings.
+driver, or its driver bound again) finds the backend in InitWait once more,
+the last fault's ``error`` removed.  Anything wrong, in the keys or later on
+the rings (``fault``), writes the reason to ``error`` and goes to Closing: a
+frontend that broke the rules gets no second chance on the same rings, only
+on new ones.
 
 The machine only decides; its caller performs each action in order (a
-``Write`` in the backend directory, a ``Read`` of the frontend's keys whose
-values come back through ``frontend_keys``, a ``Map``/``Unmap`` of rings
-and port) and reports what it sees with ``frontend_state``.
+``Write`` or ``Remove`` in the backend directory, a ``Read`` of the
+frontend's keys whose values come back through ``frontend_keys``, a
+``Map``/``Unmap`` of rings and port) and reports what it sees with
+``frontend_state``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "Action",
     "Map",
     "Read",
+    "Remove",
     "Unmap",
     "VifBackend",
     "VifRings",
@@ -72,6 +75,13 @@ class Write:
 
     key: str
     value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """Remove ``key`` from the backend's directory."""
+
+    key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +111,7 @@ class Unmap:
     """Unbind the port and unmap the rings."""
 
 
-Action = Write | Read | Map | Unmap
+Action = Write | Remove | Read | Map | Unmap
 
 
 def _u32(values: Mapping[str, str | None], key: str) -> int:
@@ -172,8 +182,9 @@ class VifBackend:
                 actions.append(self._to(XenbusState.CLOSED))
             return actions
         if front == XenbusState.INITIALISING and self.state == XenbusState.CLOSED:
+            stale: list[Action] = [Remove("error")] if self.error is not None else []
             self.error = None
-            return [self._to(XenbusState.INIT_WAIT)]  # the frontend reconnects
+            return [*stale, self._to(XenbusState.INIT_WAIT)]  # the frontend reconnects
         return []
 
     def frontend_keys(self, values: Mapping[str, str | None]) -> list[Action]:
