@@ -190,9 +190,10 @@ def _interrupts(lab: XenLab, name: str, above: int = -1) -> int:
         time.sleep(0.5)
 
 
-def _console(lab: XenLab, name: str) -> str:
+def _console(lab: XenLab, name: str, tail: int = 3000) -> str:
+    """The end of a domU's console log (``tail=0``: all of it)."""
     path = lab.logs / f"guest-{name}.log"
-    return path.read_text(errors="replace")[-3000:] if path.exists() else "(no console log)"
+    return path.read_text(errors="replace")[-tail:] if path.exists() else "(no console log)"
 
 
 DOM0_SIDE = """
@@ -689,6 +690,28 @@ ip link set eth0 up && ip addr add {addr}/24 dev eth0
 echo ready
 """
 
+# The rogue domU: once vbusd closed its vif, it binds netfront again (new
+# rings, new grants, a new handshake with the same backend) and pings.
+DOMU_REBINDS = """\
+ip link set eth0 up && ip addr add {addr}/24 dev eth0
+echo ready
+vif=/sys/bus/xen/devices/vif-0
+waits() {{
+    i=0
+    until [ "$(cat $vif/state)" = "$1" ]; do
+        i=$((i + 1)); [ $i -lt 1200 ] || {{ echo "netfront never $1: $(cat $vif/state)"; exit 1; }}
+        sleep 0.5
+    done
+}}
+waits Closed
+echo "netfront closed"
+echo vif-0 > /sys/bus/xen/drivers/vif/unbind
+echo vif-0 > /sys/bus/xen/drivers/vif/bind
+waits Connected
+ip link set eth0 up && ip addr add {addr}/24 dev eth0
+ping -c 20 -W 2 {ns}
+"""
+
 # Run in dom0 while the domU is paused: the domU's rx ring as a hostile
 # netfront would leave it.  The ring page is mapped a second time, here.
 BREAK_RX = """
@@ -709,22 +732,23 @@ with dom0.Gntdev() as gnt, gnt.map(domid, [ref]) as ring:
 
 @pytest.mark.dom0_vbusd
 @pytest.mark.parametrize("breach", ["index", "grant"])
-def test_a_domu_that_breaks_its_rx_ring_is_disconnected_alone(
+def test_a_domu_that_breaks_its_rx_ring_is_disconnected_alone_and_may_come_back(
     lab: XenLab, served: Dom0Vbusd, breach: str
 ) -> None:
     name = f"vbus-rogue-{breach}"
     addr = "10.9.0.16" if breach == "index" else "10.9.0.17"
-    baseline = served.held()
-    domid = _domu(lab, name, "pv", DOMU_IDLE.format(addr=addr))
+
+    def connections(domid: int) -> list[dict[str, object]]:
+        return [e for e in served.events("xen.vif_connected") if e.get("domid") == domid]
+
+    domid = _domu(lab, name, "pv", DOMU_REBINDS.format(addr=addr, ns=NS_ADDR))
     try:
         _admit(served, domid)
+        baseline = served.held()  # after the rule: libfuse's pipe comes with the first write
         assert _attach(lab, name, "vif-b", "00:16:3e:00:01:06").rc == 0
         lab.check(f"xl unpause {name}")
         _until("the domU's eth0", lambda: "xenlab-domu: ready" in _console(lab, name))
-        _until(
-            "the vif's connection",
-            lambda: any(e.get("domid") == domid for e in served.events("xen.vif_connected")),
-        )
+        _until("the vif's connection", lambda: len(connections(domid)) == 1)
         fe = f"/local/domain/{domid}/device/vif/0"
         ref = int(lab.check(f"xenstore-read {fe}/rx-ring-ref").strip())
         lab.check(f"xl pause {name}")
@@ -741,10 +765,23 @@ def test_a_domu_that_breaks_its_rx_ring_is_disconnected_alone(
         assert expected in str(event["reason"]), event
         be = f"/local/domain/0/backend/vif/{domid}/0"
         assert expected in lab.check(f"xenstore-read {be}/error")
-        assert lab.check(f"xenstore-read {be}/state").strip() in ("5", "6")  # Closing, Closed
-        lab.check(f"xl unpause {name}")
+        assert lab.check(f"xenstore-read {be}/state").strip() == "5"  # Closing
+        # everything is let go at once, the domU still paused
         _settles(served, baseline, "vbusd to let go")
         # the namespace and the switch go on: vbus tap's port was not touched
         assert not [e for e in served.events("venet.port_failed") if e.get("device") == "ns0"]
+
+        # the domU may come back, on new rings: its netfront bound again
+        lab.check(f"xl unpause {name}")
+        _until("the domU's ping", lambda: "packets transmitted" in _console(lab, name))
+        console = _console(lab, name, tail=0)
+        assert "xenlab-domu: netfront closed" in console
+        ping = re.search(r"(\d+) packets transmitted, (\d+) packets received", console)
+        assert ping is not None and ping.groups() == ("20", "20"), console[-3000:]
+        assert len(connections(domid)) == 2
+        assert lab.run(f"xenstore-read {be}/error").rc != 0  # the old reason went
+        assert lab.check(f"xenstore-read {be}/state").strip() == "4"
+        _gone(lab, name, domid)
+        _settles(served, baseline, "vbusd after the destroy")
     finally:
         _gone(lab, name, domid)
